@@ -1,0 +1,101 @@
+"""Batched embedding of images and strings to numpy float32 `[N, D]` (used by search, eval and scoring)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ImageLoadError
+from .model import CLIPModel
+from .tokenizer import Tokenizer
+from .transforms import Preprocess
+
+ImageLike = Union[str, os.PathLike, bytes, Any]  # path, encoded bytes, or PIL image
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Embedder:
+    """Embed images and texts with one model; returns L2-normalised float32 numpy arrays.
+
+    `Embedder(path)` loads any format `clipkit.load` accepts; `Embedder(model, preprocess=..., tokenizer=...)`
+    wraps a model already in memory. Failed images raise, or with `on_error="nan"` give a NaN row in
+    place (so rows never shift) and are listed in `self.failures` as `(index, ImageLoadError)`.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, CLIPModel],
+        *,
+        preprocess: Optional[Preprocess] = None,
+        tokenizer: Optional[Tokenizer] = None,
+        device: Union[str, torch.device, None] = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        if isinstance(model, CLIPModel):
+            if preprocess is None or tokenizer is None:
+                raise ValueError("an in-memory model needs preprocess= and tokenizer=")
+            self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        else:
+            from .checkpoint import load
+
+            self.model, self.preprocess, self.tokenizer = load(model)
+        self.model = self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.progress = progress
+        self.failures: list[tuple[int, ImageLoadError]] = []
+
+    @property
+    def dim(self) -> int:
+        return self.model.embed_dim
+
+    def _bar(self, n: int, desc: str) -> tqdm:
+        return tqdm(total=n, desc=desc, unit="item", disable=not self.progress or n <= self.batch_size, leave=False)
+
+    @torch.inference_mode()
+    def texts(self, strings: Sequence[str]) -> np.ndarray:
+        """`[N, D]` text embeddings."""
+        if isinstance(strings, str):
+            raise TypeError("texts() takes a list of strings, not a single string")
+        out = np.zeros((len(strings), self.dim), np.float32)
+        with self._bar(len(strings), "embed texts") as bar:
+            for i in range(0, len(strings), self.batch_size):
+                tokens = self.tokenizer(list(strings[i : i + self.batch_size]))
+                out[i : i + len(tokens["input_ids"])] = self.model.encode_text(tokens).float().cpu().numpy()
+                bar.update(len(tokens["input_ids"]))
+        return out
+
+    @torch.inference_mode()
+    def images(self, items: Sequence[ImageLike], on_error: str = "raise") -> np.ndarray:
+        """`[N, D]` image embeddings of paths, bytes or PIL images (row i is item i)."""
+        if on_error not in ("raise", "nan"):
+            raise ValueError("on_error must be 'raise' or 'nan'")
+        self.failures = []
+        out = np.full((len(items), self.dim), np.nan, np.float32)
+        with self._bar(len(items), "embed images") as bar:
+            for start in range(0, len(items), self.batch_size):
+                idx, pixels = self._load_batch(items, start, on_error)
+                if idx:
+                    batch = torch.stack(pixels).to(self.device)
+                    out[idx] = self.model.encode_image(batch).float().cpu().numpy()
+                bar.update(min(self.batch_size, len(items) - start))
+        return out
+
+    def _load_batch(self, items: Sequence[ImageLike], start: int, on_error: str) -> tuple[list[int], list[torch.Tensor]]:
+        idx, pixels = [], []
+        for i in range(start, min(start + self.batch_size, len(items))):
+            try:
+                pixels.append(self.preprocess(items[i]))
+                idx.append(i)
+            except ImageLoadError as e:
+                if on_error == "raise":
+                    raise
+                self.failures.append((i, e))
+        return idx, pixels
