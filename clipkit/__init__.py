@@ -1,15 +1,32 @@
-"""clipkit: train, evaluate and use CLIP-style image-text embeddings."""
-from .checkpoint import load, save, save_hf
-from .config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig, get_preset, list_presets
-from .embed import Embedder
-from .factory import create_model, create_model_and_tokenizer, get_tokenizer
-from .model import CLIPModel, ClipOutput
-from .tokenizer import Tokenizer
-from .transforms import Preprocess, load_image
+"""clipkit: train, evaluate and use CLIP-style image-text embeddings.
+
+Names are imported lazily so `import clipkit` (and the CLI's light commands) do not pay for torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "CLIPModel", "ClipOutput", "Embedder", "ModelConfig", "Preprocess", "PreprocessConfig", "TextConfig",
-    "Tokenizer", "VisionConfig", "create_model", "create_model_and_tokenizer", "get_preset", "get_tokenizer",
-    "list_presets", "load", "load_image", "save", "save_hf",
-]
+
+_EXPORTS = {
+    "load": "checkpoint", "save": "checkpoint", "save_hf": "checkpoint",
+    "ModelConfig": "config", "PreprocessConfig": "config", "TextConfig": "config", "VisionConfig": "config",
+    "get_preset": "config", "list_presets": "config",
+    "Embedder": "embed",
+    "create_model": "factory", "create_model_and_tokenizer": "factory", "get_tokenizer": "factory",
+    "CLIPModel": "model", "ClipOutput": "model",
+    "Tokenizer": "tokenizer",
+    "Preprocess": "transforms", "load_image": "transforms",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'clipkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

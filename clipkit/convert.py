@@ -18,12 +18,13 @@ from .errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 CLIP_VIT = "vit_base_patch32_clip_224"  # timm entry point: pre-norm ViT with LayerNorm eps 1e-5
 
-# HF CLIP vision names -> timm ViT names (per-layer parts; q/k/v are fused into qkv separately)
+# HF CLIP vision names -> timm ViT names; "^" entries match only at the start of a key.
+# (q/k/v are fused into qkv separately.)
 _HF_VISION_RENAMES = [
-    ("embeddings.patch_embedding.weight", "patch_embed.proj.weight"),
-    ("pre_layrnorm.", "norm_pre."),
-    ("post_layernorm.", "norm."),
-    ("encoder.layers.", "blocks."),
+    ("^embeddings.patch_embedding.weight", "patch_embed.proj.weight"),
+    ("^pre_layrnorm.", "norm_pre."),
+    ("^post_layernorm.", "norm."),
+    ("^encoder.layers.", "blocks."),
     (".self_attn.out_proj.", ".attn.proj."),
     (".layer_norm1.", ".norm1."),
     (".layer_norm2.", ".norm2."),
@@ -31,8 +32,15 @@ _HF_VISION_RENAMES = [
 
 
 def _rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str:
-    for a, b in table:
-        key = key.replace(b, a) if reverse else key.replace(a, b)
+    """Apply a rename table (or its inverse, in reverse order) to one key."""
+    for a, b in reversed(table) if reverse else table:
+        src, dst = (b, a) if reverse else (a, b)
+        anchored = src.startswith("^") or dst.startswith("^")
+        src, dst = src.lstrip("^"), dst.lstrip("^")
+        if anchored:
+            key = dst + key[len(src):] if key.startswith(src) else key
+        else:
+            key = key.replace(src, dst)
     return key
 
 
@@ -88,6 +96,8 @@ def config_from_hf(hf: dict[str, Any], eot_token_id: Optional[int]) -> ModelConf
     """A clipkit ModelConfig equivalent to a transformers CLIPConfig dict."""
     v, t = hf["vision_config"], dict(hf["text_config"])
     t["model_type"] = "clip_text_model"
+    if eot_token_id is None and t.get("eos_token_id") not in (None, 2):
+        eot_token_id = t["eos_token_id"]  # eos 2 is transformers' legacy marker for argmax pooling
     vk = _vision_kwargs(v["hidden_size"], v["num_hidden_layers"], v["num_attention_heads"],
                         v["intermediate_size"], v["image_size"], v["patch_size"], v.get("hidden_act", "quick_gelu"))
     return ModelConfig(
@@ -144,15 +154,15 @@ def state_to_hf(sd: StateDict) -> StateDict:
 
 # OpenCLIP / OpenAI text transformer names -> transformers CLIPTextModel names
 _OPENCLIP_TEXT_RENAMES = [
-    ("token_embedding.weight", "embeddings.token_embedding.weight"),
-    ("positional_embedding", "embeddings.position_embedding.weight"),
-    ("transformer.resblocks.", "encoder.layers."),
+    ("^token_embedding.weight", "embeddings.token_embedding.weight"),
+    ("^positional_embedding", "embeddings.position_embedding.weight"),
+    ("^transformer.resblocks.", "encoder.layers."),
     (".attn.out_proj.", ".self_attn.out_proj."),
     (".ln_1.", ".layer_norm1."),
     (".ln_2.", ".layer_norm2."),
     (".mlp.c_fc.", ".mlp.fc1."),
     (".mlp.c_proj.", ".mlp.fc2."),
-    ("ln_final.", "final_layer_norm."),
+    ("^ln_final.", "final_layer_norm."),
 ]
 
 
