@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -96,7 +98,10 @@ def _load_native(path: Path) -> tuple[CLIPModel, Tokenizer]:
     cfg_dict = _read_json(path / "config.json")
     if cfg_dict.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer clipkit (format {cfg_dict['format_version']}); upgrade clipkit")
-    cfg = ModelConfig.from_dict(cfg_dict)
+    try:
+        cfg = ModelConfig.from_dict(cfg_dict)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: invalid clipkit model config ({e})") from None
     cfg.text.pretrained = None  # weights come from model.safetensors, never from the original directory
     model = CLIPModel(cfg)
     load_state(model, read_safetensors(path / WEIGHTS))
@@ -172,6 +177,7 @@ def safe_torch_load(path: PathLike, trust_torchscript: bool = False) -> Any:
     if _is_torchscript(path):
         if not trust_torchscript:
             raise UnsafeCheckpointError(f"{path}: TorchScript archives are executable code; pass trust_torchscript=True (--trust-torchscript) if you trust its source")
+        warnings.warn(f"{path}: loading a TorchScript archive (trust_torchscript=True); only its weights are kept")
         return torch.jit.load(str(path), map_location="cpu").state_dict()
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
@@ -180,13 +186,22 @@ def safe_torch_load(path: PathLike, trust_torchscript: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified below; never retried unsafely
-        unsafe = _unsafe_globals(path)
+        # zip checkpoints list every global; the legacy (non-zip) format names the first one in the error
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
         if unsafe:
             raise UnsafeCheckpointError(
                 f"{path}: unsafe checkpoint: contains globals [{', '.join(unsafe)}]; clipkit loads tensors only. "
                 "Re-save it as a plain state dict of tensors (or safetensors) in a trusted environment."
             ) from None
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {_load_error_detail(e)})") from None
+
+
+def _load_error_detail(e: Exception) -> str:
+    """The cause of a failed load, without torch's advice to retry with `weights_only=False`."""
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0]
+    return msg[:200]
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -129,6 +129,11 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         raise CheckpointError(f"export to Hugging Face CLIP needs a timm CLIP ViT image tower, not {cfg.vision.timm_name}")
     if t.get("model_type") != "clip_text_model" or cfg.text.pooling != "eot" or cfg.proj_bias:
         raise CheckpointError("export to Hugging Face CLIP needs a CLIP text transformer with end-of-text pooling")
+    if cfg.text.eot_token_id == 2:  # transformers reads eos_token_id == 2 as legacy OpenAI: pool at the largest id
+        raise CheckpointError(
+            "export to Hugging Face CLIP: the tokenizer's end-of-text id is 2, which transformers treats as the "
+            "legacy config and pools at the largest token id instead; the exported text embeddings would differ"
+        )
     from timm import create_model
 
     ref = create_model(cfg.vision.timm_name, pretrained=False, num_classes=0, **vk)

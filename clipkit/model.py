@@ -55,6 +55,15 @@ class CLIPModel(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: Tokens, normalize: bool = True) -> torch.Tensor:
+        return self.encode_text_pooled(self.text_pooled(tokens), normalize)  # [B, W] -> [B, D]
+
+    def encode_text_pooled(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Project cached `text_pooled` features `[B, W] -> [B, D]` (training with a locked text tower)."""
+        x = self.text_proj(pooled.to(self.text_proj.weight.dtype))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_pooled(self, tokens: Tokens) -> torch.Tensor:
+        """The text tower's pooled output before projection, `[B, W]` (cacheable when the tower is locked)."""
         if isinstance(tokens, torch.Tensor):
             ids, mask = tokens, None
         else:
@@ -64,8 +73,7 @@ class CLIPModel(nn.Module):
         mask = mask.to(device) if mask is not None else self._default_mask(ids)
         hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, W]
         cfg = self.config.text
-        x = self.text_proj(pool_text(hidden, ids, mask, cfg.pooling, cfg.eot_token_id))  # [B, D]
-        return F.normalize(x, dim=-1) if normalize else x
+        return pool_text(hidden, ids, mask, cfg.pooling, cfg.eot_token_id)
 
     def _default_mask(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         """Bidirectional towers (BERT) need a padding mask; causal CLIP towers pool at the end token."""
@@ -78,9 +86,18 @@ class CLIPModel(nn.Module):
         """The exponentiated logit scale (capped at 100) and the logit bias."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(), self.logit_bias
 
-    def forward(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[Tokens] = None) -> ClipOutput:
+    def forward(
+        self,
+        pixels: Optional[torch.Tensor] = None,
+        tokens: Optional[Tokens] = None,
+        text_pooled: Optional[torch.Tensor] = None,
+    ) -> ClipOutput:
+        """Features for a batch; `text_pooled` (cached locked-tower output) replaces `tokens` when given."""
         img = self.encode_image(pixels) if pixels is not None else None
-        txt = self.encode_text(tokens) if tokens is not None else None
+        if text_pooled is not None:
+            txt = self.encode_text_pooled(text_pooled)
+        else:
+            txt = self.encode_text(tokens) if tokens is not None else None
         scale, bias = self.scales()
         return ClipOutput(img, txt, scale, bias)
 

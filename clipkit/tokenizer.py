@@ -35,6 +35,7 @@ class Tokenizer:
         enc = self.hf(
             list(texts), padding="max_length", truncation=True,
             max_length=self.context_length, return_tensors="pt",
+            split_special_tokens=True,  # a caption saying "<|endoftext|>" is text, not an end marker
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("checkpoint",),
     ("embed", "data", "cache", "datasets"),
     ("evaluate", "fewshot", "plots", "scoring", "search"),
-    ("train",),
+    ("runstate", "train"),
     ("service", "demo"),
     ("cli",),
 ]

@@ -1,0 +1,116 @@
+"""PNG figures: retrieval grids, few-shot curves, loss curves.
+
+Uses matplotlib's object API (`Figure` renders through Agg when saved), so nothing needs a display
+and no pyplot global state or backend switch leaks into the caller. Files are written atomically.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .errors import ImageLoadError
+from .fileio import atomic_path
+from .transforms import load_image
+
+PathLike = Union[str, os.PathLike]
+THUMB = 128  # thumbnail side in pixels
+
+
+def _save(fig: Figure, out_png: PathLike, dpi: int = 100) -> None:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def _thumbnail(path: str) -> Optional[np.ndarray]:
+    """An RGB thumbnail `[h, w, 3]`, or None if the file cannot be read."""
+    try:
+        img = load_image(path)
+    except ImageLoadError:
+        return None
+    img.thumbnail((THUMB, THUMB))
+    return np.asarray(img)
+
+
+def plot_retrieval_grid(
+    queries: Sequence[str], results: Sequence[Sequence[tuple[str, float]]], out_png: PathLike
+) -> None:
+    """One row per query: its retrieved images left to right, each titled with its score."""
+    if len(queries) != len(results) or not queries:
+        raise ValueError(f"need one result list per query; got {len(queries)} queries, {len(results)} result lists")
+    cols = max(1, max(len(r) for r in results))
+    fig = Figure(figsize=(1.6 * cols + 2.2, 1.8 * len(queries)))
+    axes = np.asarray(fig.subplots(len(queries), cols, squeeze=False))  # [rows, cols]
+    for row, (query, hits) in enumerate(zip(queries, results)):
+        for col in range(cols):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(hits):
+                _draw_hit(ax, *hits[col][:2])
+            else:
+                ax.axis("off")
+        axes[row, 0].set_ylabel(textwrap.fill(str(query), 24), rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def _draw_hit(ax, path: str, score: float) -> None:
+    thumb = _thumbnail(path)
+    if thumb is None:
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+    else:
+        ax.imshow(thumb)
+    ax.set_title(f"{score:.3f}", fontsize=8)
+
+
+def plot_few_shot(summary_df: pd.DataFrame, out_png: PathLike, chance: Optional[float] = None) -> None:
+    """Top-1 vs shots per class (log2 x) per method with a std band; zero-shot and chance as horizontal lines.
+
+    `summary_df` is `summarise_few_shot`'s output (k, method, mean, std); a `chance` column is used
+    when the argument is not given.
+    """
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method, part in summary_df.sort_values("k").groupby("method", sort=True):
+        if method == "zero_shot":
+            ax.axhline(part["mean"].iloc[0], color="black", linestyle="--", label="zero-shot")
+            continue
+        (line,) = ax.plot(part["k"], part["mean"], marker="o", label=method)
+        lo, hi = (part["mean"] - part["std"]).clip(0, 1), (part["mean"] + part["std"]).clip(0, 1)
+        ax.fill_between(part["k"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    if chance is None and "chance" in summary_df:
+        chance = float(summary_df["chance"].iloc[0])
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ks = sorted(summary_df["k"].unique())
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("top-1 accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def plot_loss_curve(
+    steps: Sequence[float],
+    losses: Sequence[float],
+    out_png: PathLike,
+    val: Optional[tuple[Sequence[float], Sequence[float]]] = None,
+) -> None:
+    """Training loss vs step, with validation loss `(steps, losses)` as points when given."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(steps, losses, label="train", linewidth=1)
+    if val is not None and len(val[0]):
+        ax.plot(val[0], val[1], marker="o", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_png)

@@ -1,0 +1,99 @@
+"""Decoded-image cache: same pixels as the uncached path, exact skips, reuse on a matching fingerprint."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from clipkit import cache as cache_mod
+from clipkit.cache import CachedPairDataset, DecodedCache
+from clipkit.config import PreprocessConfig
+from clipkit.data import PairDataset, SkipCounter, make_loader
+from clipkit.errors import DataError
+from clipkit.tokenizer import byte_level_tokenizer
+from clipkit.transforms import Preprocess
+
+S = 16
+CFG = PreprocessConfig(image_size=S)
+TOK = byte_level_tokenizer(16)
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> pd.DataFrame:
+    """Six photos-ish PNGs/JPEGs (one image shared by two captions) plus a zero-byte and a missing file."""
+    rows = []
+    for i in range(6):
+        img = Image.effect_noise((40 + 8 * i, 30), 40 + 10 * i).convert("RGB")
+        path = tmp_path / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        img.save(path)
+        rows.append((str(path), f"picture {i}"))
+    rows.append((rows[0][0], "picture 0 again"))
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    rows += [(str(tmp_path / "zero.jpg"), "zero"), (str(tmp_path / "gone.png"), "gone")]
+    return pd.DataFrame(rows, columns=["image", "caption"])
+
+
+def test_cached_matches_uncached(tmp_path: Path, table: pd.DataFrame) -> None:
+    cache = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    assert cache.pixels.shape == (8, S, S, 3) and int(cache.valid.sum()) == 6  # 8 distinct paths, 6 readable
+    plain, cached = PairDataset(table, Preprocess(CFG), TOK), CachedPairDataset(table, cache, TOK, CFG)
+    for i in range(len(table)):
+        a, b = plain[i], cached[i]
+        assert a.keys() == b.keys() and a["index"] == b["index"] == i
+        if "skip" in a:
+            assert a["skip"] == b["skip"]
+        else:
+            assert torch.allclose(a["pixels"], b["pixels"], atol=1e-6)
+            assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_two_epochs_through_workers(tmp_path: Path, table: pd.DataFrame) -> None:
+    cache = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=2, progress=False)
+    ds = CachedPairDataset(table, cache, TOK, CFG, train=True)
+    loader = make_loader(ds, batch_size=4, shuffle=True, num_workers=2, seed=0)
+    for _ in range(2):
+        counter = SkipCounter()
+        for batch in loader:
+            counter.update(batch)
+            assert batch["pixels"].shape[1:] == (3, S, S) and torch.isfinite(batch["pixels"]).all()
+        assert counter.seen == 9 and dict(counter.by_reason) == {"unidentified": 1, "missing": 1}
+
+
+def test_rebuild_only_when_fingerprint_changes(tmp_path: Path, table: pd.DataFrame, monkeypatch) -> None:
+    first = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    calls = []
+    real = cache_mod._decode_into
+    monkeypatch.setattr(cache_mod, "_decode_into", lambda *a: calls.append(1) or real(*a))
+    again = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    assert calls == [] and again.fingerprint == first.fingerprint
+    Image.new("RGB", (20, 20), "red").save(table["image"][1])
+    os.utime(table["image"][1], ns=(1, 1))
+    changed = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    assert calls == [1] and changed.fingerprint != first.fingerprint
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cache")]  # no temp folders left behind
+
+
+def test_corrupt_cache_and_config_mismatch(tmp_path: Path, table: pd.DataFrame) -> None:
+    cache = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    with pytest.raises(DataError, match="cache built for"):
+        CachedPairDataset(table, cache, TOK, PreprocessConfig(image_size=S + 8))
+    extra = pd.concat([table, pd.DataFrame({"image": ["/nope.png"], "caption": ["x"]})], ignore_index=True)
+    with pytest.raises(DataError, match="not in the cache"):
+        CachedPairDataset(extra, cache, TOK, CFG)
+    pixels = tmp_path / "cache" / "pixels.u8"
+    pixels.write_bytes(pixels.read_bytes()[:100])
+    with pytest.raises(DataError, match="corrupt"):
+        DecodedCache.open(tmp_path / "cache")
+    rebuilt = DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    assert rebuilt.pixels.shape == (8, S, S, 3)
+    with pytest.raises(DataError, match="not a readable"):
+        DecodedCache.open(tmp_path / "nothing")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="refusing to replace"):
+        DecodedCache.build(table, CFG, tmp_path / "mine", num_workers=0, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

