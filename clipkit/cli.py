@@ -89,6 +89,31 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    result = run_eval(args.kind, args.model, args.data, train=args.train, label_column=args.label_column,
+                      templates=args.templates, json_out=args.json, plot=args.plot)
+    print(result.table())
+    for path in (args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="zero-shot, retrieval or linear-probe/few-shot evaluation of a model")
+    p.add_argument("kind", choices=["zeroshot", "retrieval", "linear-probe"])
+    p.add_argument("--model", required=True, help="clipkit/HF model directory or OpenCLIP file")
+    p.add_argument("--data", required=True, help="evaluation table (image, caption[, label])")
+    p.add_argument("--train", help="linear-probe: labelled training table")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--templates", help="file with one prompt template per line, each containing {}")
+    p.add_argument("--json", help="write flat metrics here")
+    p.add_argument("--plot", help="retrieval: PNG grid of top results; linear-probe: few-shot curve PNG")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build a built-in dataset (no download)")
     p.add_argument("name", choices=["emoji"], help="dataset to build")
@@ -194,7 +219,7 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description="CLIP-style image-text embeddings: train, evaluate, search, score.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_data, _add_train, _add_score, _add_rerank, _add_convert, _add_presets):
+    for add in (_add_demo, _add_data, _add_train, _add_eval, _add_score, _add_rerank, _add_convert, _add_presets):
         add(sub)
     return parser
 

@@ -380,3 +380,41 @@ def write_json(result: EvalResult, path: Union[str, os.PathLike]) -> None:
         for name, df in result.tables.items()
     }
     write_json_atomic(path, {"task": result.task, "metrics": _json_safe(result.metrics), "tables": tables})
+
+
+def run_eval(
+    kind: str,
+    model: Any,
+    data: Union[str, os.PathLike],
+    *,
+    train: Optional[Union[str, os.PathLike]] = None,
+    label_column: str = "label",
+    templates: Optional[Union[str, os.PathLike]] = None,
+    json_out: Optional[Union[str, os.PathLike]] = None,
+    plot: Optional[Union[str, os.PathLike]] = None,
+) -> EvalResult:
+    """What `clipkit eval KIND` runs: read the tables, embed, evaluate, write JSON and the plot."""
+    from .data import read_pairs
+    from .embed import Embedder
+    from .plots import plot_few_shot, plot_retrieval_grid
+
+    embedder = model if hasattr(model, "texts") else Embedder(model)
+    table = read_pairs(data)
+    tmpl = load_templates(templates) if templates else DEFAULT_TEMPLATES
+    if kind == "zeroshot":
+        result = eval_zeroshot(embedder, table, label_column=label_column, templates=tmpl)
+    elif kind == "retrieval":
+        result = eval_retrieval(embedder, table)
+    elif kind == "linear-probe":
+        if train is None:
+            raise ValueError("linear-probe needs --train TABLE (the labelled images the probe learns from)")
+        result = eval_linear_probe(embedder, read_pairs(train), table, label_column=label_column, templates=tmpl)
+    else:
+        raise ValueError(f"unknown evaluation {kind!r}; choose zeroshot, retrieval or linear-probe")
+    if json_out:
+        write_json(result, json_out)
+    if plot and result.examples:
+        plot_retrieval_grid(result.examples["queries"], result.examples["results"], plot)
+    elif plot and "few_shot" in result.tables:
+        plot_few_shot(result.tables["few_shot"], plot)
+    return result

@@ -39,7 +39,7 @@ def resolve_config(
         cfg.vision.timm_name, cfg.vision.timm_kwargs = image_tower, {}
     if image_size is not None:
         cfg.preprocess.image_size = image_size
-        if "img_size" in cfg.vision.timm_kwargs or image_tower is None:
+        if "img_size" in cfg.vision.timm_kwargs or image_tower is None or _takes_img_size(cfg.vision.timm_name):
             cfg.vision.timm_kwargs["img_size"] = image_size
     if quick_gelu is not None:
         act = "quick_gelu" if quick_gelu else "gelu"
@@ -60,6 +60,11 @@ def resolve_config(
         cfg.init_logit_bias = init_logit_bias
     cfg.vision.timm_kwargs.update(timm_kwargs)
     return cfg
+
+
+def _takes_img_size(timm_name: str) -> bool:
+    """Transformer towers fix their input size at build time (positional embeddings); CNNs do not."""
+    return any(k in timm_name for k in ("vit", "deit", "eva", "beit", "swin", "convit", "siglip", "naflex"))
 
 
 def tokenizer_for(cfg: ModelConfig) -> Tokenizer:

@@ -50,8 +50,8 @@ def build_text_tower(cfg: TextConfig) -> PreTrainedModel:
     if cfg.pretrained:
         path = resolve_pretrained(cfg.pretrained)
         _refuse_remote_code(json.loads((Path(path) / "config.json").read_text()), path)
-        model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        cfg.hf_config = model.config.to_dict()
+        model = _drop_pooler(AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+        cfg.hf_config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
         cfg.pretrained = None
         return model
     if not cfg.hf_config:
@@ -59,7 +59,14 @@ def build_text_tower(cfg: TextConfig) -> PreTrainedModel:
     _refuse_remote_code(cfg.hf_config, "text config")
     d = dict(cfg.hf_config)
     hf_cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    return AutoModel.from_config(hf_cfg)
+    return _drop_pooler(AutoModel.from_config(hf_cfg))
+
+
+def _drop_pooler(model: PreTrainedModel) -> PreTrainedModel:
+    """BERT-style towers carry a pooler clipkit never uses; its unused weights would break DDP."""
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
+    return model
 
 
 def text_width(model: PreTrainedModel) -> int:
