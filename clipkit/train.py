@@ -409,11 +409,12 @@ class Trainer:
         self.scheduler.step()
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.nonfinite_run)
+        step = self.step + 1  # 1-based, like checkpoint names (step N = after N steps)
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, self.nonfinite_run)
         if self.nonfinite_run >= self.cfg.max_nonfinite:
             good = runstate.list_checkpoints(self.ckpt_root)
             raise TrainingError(
-                f"non-finite loss at step {self.step}, {self.nonfinite_run} steps in a row "
+                f"non-finite loss at step {step}, {self.nonfinite_run} steps in a row "
                 f"(batch ids {batch['index'][:8].tolist()}); lower the lr or check the data. "
                 f"Last good checkpoint: {good[-1] if good else 'none'}"
             )
@@ -511,8 +512,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         summary: dict[str, Any] = {"steps": self.step, "skipped": self.skips.to_dict(), "nonfinite_steps": self.nonfinite_total}
+        self._save()  # every rank: rank 0 writes, all meet at its barrier
         if self.rank == 0:
-            self._save()
             model_dir = save_model_dir(self.model, self.tokenizer, self.out / "model")
             summary["model_dir"] = str(model_dir)
             if self.cfg.wise_ft is not None:
@@ -554,5 +555,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training job (what `clipkit train` calls)."""
-    return Trainer(cfg).fit()
+    """Run one training job (what `clipkit train` calls); leaves no process group behind."""
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

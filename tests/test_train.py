@@ -1,0 +1,236 @@
+"""Trainer: outputs, exact resume after SIGKILL (also inside a save), config checks, bad data, gradient cache."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import clipkit
+from clipkit.errors import DataError
+from clipkit.factory import resolve_config
+from clipkit.train import TrainConfig, Trainer, TrainingError
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _shape(kind: str, colour: tuple[int, int, int], size: int = 40) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    box = (6, 6, size - 6, size - 6)
+    if kind == "triangle":
+        d.polygon([(size // 2, 6), (size - 6, size - 6), (6, size - 6)], fill=colour)
+    else:
+        (d.ellipse if kind == "circle" else d.rectangle)(box, fill=colour)
+    return img
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """24 captioned shape images (12 concepts x 2 sizes of jitter) with a `label` column."""
+    root = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for kind in SHAPES:
+            for v in range(2):
+                name = f"{colour}_{kind}_{v}.png"
+                _shape(kind, tuple(max(0, c - 30 * v) for c in rgb)).save(root / name)
+                rows.append(f"{name},a {colour} {kind},{kind}")
+    (root / "train.csv").write_text("image,caption,label\n" + "\n".join(rows) + "\n")
+    return root / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> Path:
+    """A clipkit model small enough to train for a few steps in well under a second each."""
+    cfg = resolve_config("tiny", image_size=32, depth=2, embed_dim=32)
+    cfg.vision.timm_kwargs.update(embed_dim=48, num_heads=2)
+    cfg.text.hf_config.update(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+    model, tok = clipkit.create_model_and_tokenizer(cfg)
+    return clipkit.save(model, tok, tmp_path_factory.mktemp("micro") / "model")
+
+
+def _cfg(pairs: Path, micro_model: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(train_data=str(pairs), output=str(out), model=str(micro_model), batch_size=8, max_steps=9,
+                lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1, progress=False, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
+
+
+def _cli_train(cfg: TrainConfig, env: dict[str, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "clipkit.cli", "train", "--train-data", cfg.train_data, "--model", cfg.model,
+            "--output", cfg.output, "--batch-size", str(cfg.batch_size), "--max-steps", str(cfg.max_steps),
+            "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--seed", str(cfg.seed),
+            "--checkpoint-every", str(cfg.checkpoint_every), "--log-every", "1", "--no-progress"]
+    args += ["--resume"] if resume else []
+    return subprocess.run(args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(pairs, micro_model, tmp_path_factory) -> Path:
+    """An uninterrupted 9-step run that the crash-and-resume runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    Trainer(_cfg(pairs, micro_model, out)).fit()
+    return out
+
+
+def test_run_writes_model_metrics_plot_and_checkpoints(reference):
+    for name in ("model/model.safetensors", "metrics.jsonl", "loss_curve.png", "summary.json", "train_config.json"):
+        assert (reference / name).exists(), name
+    assert (reference / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 10))
+    assert all(r["samples_per_s"] > 0 for r in recs)
+    lrs = [r["lr"] for r in recs]
+    assert lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # warmup 2, cosine to 0
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["step_00000006", "step_00000009"]
+    model, _, tok = clipkit.load(reference / "model")  # the final model is a normal clipkit directory
+    assert model.encode_text(tok(["a red circle"])).shape == (1, 32)
+
+
+def test_loss_goes_down(pairs, micro_model, tmp_path):
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=24, lr=3e-3, checkpoint_every=100)).fit()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+
+
+def test_sigkill_then_resume_is_bitwise_equal(pairs, micro_model, reference, tmp_path):
+    cfg = _cfg(pairs, micro_model, tmp_path / "run")
+    crashed = _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    resumed = _cli_train(cfg, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 6" in resumed.stdout
+    _assert_same(_weights(reference), _weights(tmp_path / "run"))
+    ref_state = torch.load(reference / "checkpoints/step_00000009/train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "run/checkpoints/step_00000009/train_state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == ref_state["scheduler"]["last_epoch"] == 9
+    assert state["scheduler"]["_last_lr"] == ref_state["scheduler"]["_last_lr"]
+
+
+def test_sigkill_inside_a_save_keeps_previous_checkpoint(pairs, micro_model, reference, tmp_path):
+    cfg = _cfg(pairs, micro_model, tmp_path / "run")
+    crashed = _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_IN_SAVE": "6"})
+    assert crashed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("step_")] == ["step_00000003"]
+    assert any(p.name.endswith(".tmp") for p in ckpts.iterdir()), "the half-written save should be a temp dir"
+    resumed = _cli_train(cfg, resume=True)
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout
+    assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())
+    _assert_same(_weights(reference), _weights(tmp_path / "run"))
+
+
+def test_corrupt_newest_checkpoint_is_skipped(pairs, micro_model, reference, tmp_path, caplog):
+    cfg = _cfg(pairs, micro_model, tmp_path / "run", keep_checkpoints=3)
+    assert _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode == -signal.SIGKILL
+    weights = tmp_path / "run/checkpoints/step_00000006/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", resume=True)).fit()
+    assert "skipping unreadable/unchecked checkpoint step_00000006" in caplog.text
+    _assert_same(_weights(reference), _weights(tmp_path / "run"))
+
+
+def test_negative_control_resume_without_scheduler_diverges(pairs, micro_model, reference, tmp_path, monkeypatch):
+    """Proves the equality checks above can fail: skipping one piece of state changes the result."""
+    assert _cli_train(_cfg(pairs, micro_model, tmp_path / "run"), env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode < 0
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "load_state_dict", lambda self, state: None)
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", resume=True)).fit()
+    with pytest.raises(AssertionError, match="tensors differ"):
+        _assert_same(_weights(reference), _weights(tmp_path / "run"))
+
+
+def test_resume_with_changed_config_is_refused(pairs, micro_model, tmp_path):
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3)).fit()
+    with pytest.raises(TrainingError, match=r"lr: 0.001 -> 0.002"):
+        Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True))
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True, resume_ignore_config=True))
+
+
+def test_nonfinite_losses_stop_the_run_and_no_bad_checkpoint_is_written(pairs, micro_model, tmp_path):
+    trainer = Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=20, checkpoint_every=2, max_nonfinite=3))
+    real_loss, calls = trainer.loss_fn, {"n": 0}
+
+    def loss_going_bad(*args):
+        calls["n"] += 1
+        value = real_loss(*args)
+        return value * float("nan") if calls["n"] > 4 else value
+
+    trainer.loss_fn = loss_going_bad
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 7, 3 steps in a row.*step_00000006"):
+        trainer.fit()
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_corrupt_and_missing_images_are_skipped_and_reported(pairs, micro_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(pairs.parent, data)
+    (data / "red_circle_0.png").write_bytes((data / "red_circle_0.png").read_bytes()[:60])
+    (data / "blue_square_1.png").unlink()
+    summary = Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run", max_steps=3, max_bad_fraction=0.2)).fit()
+    assert summary["skipped"]["skipped"] == 2
+    assert summary["skipped"]["by_reason"] == {"decode_error": 1, "missing": 1}
+    assert "skipped 2 of 24 images" in capsys.readouterr().out
+    with pytest.raises(DataError, match="too much bad data"):
+        Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run2", max_steps=3, max_bad_fraction=0.05))
+
+
+def test_gradient_cache_trains_like_the_plain_batch(pairs, micro_model, tmp_path):
+    Trainer(_cfg(pairs, micro_model, tmp_path / "plain", max_steps=3)).fit()
+    Trainer(_cfg(pairs, micro_model, tmp_path / "cached", max_steps=3, grad_cache_chunk=3)).fit()
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "cached")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5
+
+
+def test_locked_text_tower_stays_fixed_and_siglip_trains(pairs, micro_model, tmp_path):
+    Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lock_text=True, loss="siglip")).fit()
+    before, after = load_file(str(micro_model / "model.safetensors")), _weights(tmp_path / "run")
+    text = [k for k in before if k.startswith("text.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert not torch.equal(before["text_proj.weight"], after["text_proj.weight"])
+    assert "logit_bias" in after
+
+
+def test_wise_ft_mixes_initial_and_finetuned_weights(pairs, micro_model, tmp_path):
+    run = tmp_path / "run"
+    summary = Trainer(_cfg(pairs, micro_model, run, max_steps=3, val_data=str(pairs), wise_ft=0.5)).fit()
+    init, tuned, mixed = load_file(str(micro_model / "model.safetensors")), load_file(str(run / "model_finetuned/model.safetensors")), _weights(run)
+    k = "visual_proj.weight"
+    assert torch.allclose(mixed[k], 0.5 * init[k] + 0.5 * tuned[k], atol=1e-6)
+    report = summary["wise_ft"]
+    assert set(report) == {"alpha", "initial", "finetuned", "wise_ft"} and "top1" in report["wise_ft"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_double_batch(pairs, micro_model, tmp_path):
+    one = _cfg(pairs, micro_model, tmp_path / "one", batch_size=8, max_steps=3, checkpoint_every=100)
+    Trainer(one).fit()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "clipkit.cli",
+           "train", "--train-data", str(pairs), "--model", str(micro_model), "--output", str(tmp_path / "two"),
+           "--batch-size", "4", "--max-steps", "3", "--lr", "0.001", "--warmup-steps", "2", "--seed", "3",
+           "--checkpoint-every", "100", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5
