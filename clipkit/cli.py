@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -12,11 +13,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_smoke
+    from .demo import DemoConfig, run_demo
 
-    result = run_smoke(args.out, seed=args.seed)
-    print(result.table())
-    print(f"\nmodel saved to {result.model_dir}")
+    fields = set(DemoConfig.__dataclass_fields__)
+    result = run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    print("\n" + result.headline())
+    print(f"\ndone in {result.seconds / 60:.1f} min. Open {result.out / 'report.html'} in a browser; metrics in {result.out / 'metrics.json'}.")
+    print(f"serve the index: clipkit serve --index {result.out / 'index'} --model {result.out / 'model'}")
     return 0
 
 
@@ -99,6 +102,152 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}")
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type for `--shard i/n`."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _bytes(text: str) -> int:
+    """argparse type for sizes: 2GB, 512MB, 1.5G, 1000000 (bytes; powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    num = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = num[-1] if num and num[-1] in units else ""
+    try:
+        value = float(num[: len(num) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 512MB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .collection import embed_collection, shard_from_env
+
+    shard = args.shard or shard_from_env()
+    s = embed_collection(args.model, args.images, args.out, shard=shard, shard_size=args.shard_size,
+                         batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
+                         captions=not args.no_captions, progress=not args.quiet)
+    print(f"shard {shard[0]}/{shard[1]}: wrote {len(s.written)} chunk(s), {len(s.skipped)} already done "
+          f"({s.chunks} in the collection of {s.count}); {s.embedded} images in {s.seconds:.1f}s "
+          f"({s.images_per_second:.1f} images/s)")
+    if s.dropped_rows:
+        print(f"{s.dropped_rows} table row(s) dropped while reading (empty captions or bad lines)")
+    if s.failures:
+        print(f"{len(s.failures)} unreadable image(s) kept as ok=False rows (not indexed):")
+        for f in s.failures[:20]:
+            print(f"  id {f['id']}  {f['reason']}  {f['path']}")
+    print(f"embeddings in {s.out_dir}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .collection import build_index_from_collection
+
+    index = build_index_from_collection(args.embeddings, args.out, args.kind, args.memory_budget,
+                                        on_disk=args.on_disk, progress=not args.quiet)
+    r = index.build_report
+    recall = "n/a" if r.get("recall@10") is None else f"{r['recall@10']:.4f}"
+    for key, value in (("factory", r["factory"]), ("count", f"{r['count']} ({r.get('failed', 0)} failed, not indexed)"),
+                       ("bytes/vector", r["bytes_per_vector"]), ("build time", f"{r['build_seconds']:.2f}s"),
+                       ("recall@10", recall), ("on disk", bool(r.get("on_disk")))):
+        print(f"{key:13s} {value}")
+    if "recall@10_rerank10" in r:
+        print(f"{'recall@10 rerank 10':13s} {r['recall@10_rerank10']:.4f}")
+    print(f"index saved to {args.out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .collection import open_search, search_collection
+
+    index, embedder, warnings = open_search(args.index, args.model)
+    for w in warnings:
+        print(f"clipkit search: warning: {w}", file=sys.stderr)
+    result = search_collection(index, embedder, text=args.text, image=args.image, k=args.k, rerank=args.rerank,
+                               filter=args.filter, mmr=args.mmr)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    print(f"{'rank':>4s}  {'score':>7s}  {'id':>7s}  path / caption")
+    for rank, r in enumerate(result["results"], 1):
+        caption = str(r.get("caption") or "")[:60]
+        print(f"{rank:4d}  {r['score']:+.4f}  {r['id']:7d}  {r.get('path_rel') or r.get('path')}  {caption}")
+    if not result["results"]:
+        print("no results")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .service import run_server
+    except ImportError as e:
+        raise ClipkitError(f"the HTTP service is not available ({e})") from None
+    api_key = args.api_key or os.environ.get("CLIPKIT_API_KEY") or None
+    run_server(args.index, args.model, host=args.host, port=args.port, api_key=api_key)
+    return 0
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed a folder or table of images into resumable chunks for search")
+    p.add_argument("--model", required=True, help="clipkit/HF model directory or OpenCLIP file")
+    p.add_argument("--images", required=True, help="folder of images (captions optional) or table (CSV/TSV/parquet/JSONL)")
+    p.add_argument("--out", required=True, help="embeddings folder (chunks + collection.json); a rerun resumes")
+    p.add_argument("--shard", type=_shard, help="embed chunks c with c %% n == i (default: torchrun RANK/WORLD_SIZE, else 0/1)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="rows per chunk file (default 10000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes (default 2)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision (default float16)")
+    p.add_argument("--no-captions", action="store_true", help="do not embed captions")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build a search index from embeddings")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="build a FAISS index (+ metadata) from an embeddings folder")
+    b.add_argument("--embeddings", required=True, help="folder written by `clipkit embed`")
+    b.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    b.add_argument("--kind", default="auto", help="auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string (default auto)")
+    b.add_argument("--memory-budget", type=_bytes, help="RAM the index may use, e.g. 2GB (auto picks a layout that fits)")
+    b.add_argument("--on-disk", action="store_true", help="IVF with on-disk inverted lists, merged chunk by chunk "
+                   "(collections larger than memory)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_index)
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="query an index by text or image")
+    p.add_argument("--index", required=True, help="index folder from `clipkit index build`")
+    p.add_argument("--model", required=True, help="the model that embedded the collection")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="text query")
+    q.add_argument("--image", help="image file query")
+    p.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    p.add_argument("--rerank", type=int, default=0, metavar="R", help="re-score k*R candidates exactly")
+    p.add_argument("--filter", help='pandas expression over the metadata, e.g. \'style == "noto"\'')
+    p.add_argument("--mmr", type=float, metavar="LAMBDA", help="diversify with maximal marginal relevance (0..1)")
+    p.add_argument("--json", action="store_true", help='print {"results": [...]} as the HTTP service returns it')
+    p.set_defaults(func=_cmd_search)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an index over HTTP (search API + web page)")
+    p.add_argument("--index", required=True, help="index folder from `clipkit index build`")
+    p.add_argument("--model", required=True, help="the model that embedded the collection")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require this key (default: $CLIPKIT_API_KEY, else no key)")
+    p.set_defaults(func=_cmd_serve)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -191,9 +340,16 @@ def _add_rerank(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the built-in demo end to end on generated data")
+    p = sub.add_parser("demo", help="the main job: emoji data, train, evaluate, index, search, rerank, report")
     p.add_argument("--out", default="demo", help="output folder (default: ./demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--recipe", choices=["minilm", "scratch"], help="minilm: pretrained MiniLM text tower, locked (default)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 12)")
+    p.add_argument("--max-steps", type=int, help="stop training after this many steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=int, help="use only the first N emoji (quick runs)")
+    p.add_argument("--rerank-prompts", type=int, help="prompts in the best-of-N task (default 100)")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress output")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -219,7 +375,8 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description="CLIP-style image-text embeddings: train, evaluate, search, score.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_data, _add_train, _add_eval, _add_score, _add_rerank, _add_convert, _add_presets):
+    for add in (_add_demo, _add_data, _add_train, _add_eval, _add_score, _add_rerank, _add_convert, _add_presets,
+                _add_embed, _add_index, _add_search, _add_serve):
         add(sub)
     return parser
 

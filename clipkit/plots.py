@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -22,8 +23,17 @@ THUMB = 128  # thumbnail side in pixels
 
 
 def _save(fig: Figure, out_png: PathLike, dpi: int = 100) -> None:
-    with atomic_path(out_png) as tmp:
+    with atomic_path(out_png) as tmp, warnings.catch_warnings():
+        # Hangul queries lack glyphs unless a CJK font is installed (Debian: fonts-noto-cjk); they
+        # render as boxes, and the HTML report carries the text itself.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def _tight(fig: Figure) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
 
 
 def _thumbnail(path: str) -> Optional[np.ndarray]:
@@ -55,7 +65,7 @@ def plot_retrieval_grid(
             else:
                 ax.axis("off")
         axes[row, 0].set_ylabel(textwrap.fill(str(query), 24), rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
+    _tight(fig)
     _save(fig, out_png)
 
 
@@ -93,7 +103,7 @@ def plot_few_shot(summary_df: pd.DataFrame, out_png: PathLike, chance: Optional[
     ax.set_xlabel("shots per class")
     ax.set_ylabel("top-1 accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _tight(fig)
     _save(fig, out_png)
 
 
@@ -106,11 +116,11 @@ def plot_loss_curve(
     """Training loss vs step, with validation loss `(steps, losses)` as points when given."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(steps, losses, label="train", linewidth=1)
+    ax.plot(steps, losses, label="train", linewidth=1, marker="." if len(steps) < 30 else None)
     if val is not None and len(val[0]):
         ax.plot(val[0], val[1], marker="o", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _tight(fig)
     _save(fig, out_png)

@@ -208,12 +208,16 @@ class Trainer:
         if self.sampler.batches_per_epoch == 0:
             raise TrainingError(f"{len(self.table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {self.world})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.batches_per_epoch
+        warmup = min(cfg.warmup_steps, self.total_steps // 2)
+        if warmup < cfg.warmup_steps:
+            log.warning("warmup_steps %d is over half of the %d steps: using %d", cfg.warmup_steps, self.total_steps, warmup)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.scheduler = cosine_with_warmup(self.optimizer, warmup, self.total_steps)
         self.loss_fn = create_loss(cfg.loss, **({"label_smoothing": cfg.label_smoothing} if cfg.loss == "clip" else {}))
         self.ddp = self._wrap_ddp()
         self.step, self.epoch, self.batch_in_epoch, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0, 0
         self.best: Optional[dict[str, Any]] = None
+        self.last_val: dict[str, Any] = {"step": None}
         self.fingerprint = data_fingerprint(self.table)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -502,6 +506,7 @@ class Trainer:
         if self.rank != 0 or self.val_table is None:
             return
         metrics = self.evaluate()
+        self.last_val = {"step": self.step, "epoch": self.epoch, **metrics}
         score = metrics.get("top1", (metrics.get("text_to_image_R@1", 0) + metrics.get("image_to_text_R@1", 0)) / 2)
         self._append_metrics({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
         if self.best is None or score > self.best["score"]:
@@ -512,6 +517,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         summary: dict[str, Any] = {"steps": self.step, "skipped": self.skips.to_dict(), "nonfinite_steps": self.nonfinite_total}
+        if self.last_val["step"] != self.step:  # the run ended inside an epoch or right at its end
+            self._validate()
         self._save()  # every rank: rank 0 writes, all meet at its barrier
         if self.rank == 0:
             model_dir = save_model_dir(self.model, self.tokenizer, self.out / "model")
@@ -519,6 +526,7 @@ class Trainer:
             if self.cfg.wise_ft is not None:
                 summary["wise_ft"] = self._wise_ft()
             summary["best"] = self.best
+            summary["val"] = self.last_val
             if self.skips.skipped:
                 print(self.skips.summary())
             self._plot_loss()

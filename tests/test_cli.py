@@ -1,11 +1,13 @@
 """The `clipkit` command: every command has --help, bad input exits non-zero with one line."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+import clipkit
 from clipkit.cli import build_parser, main
 
 
@@ -32,11 +34,22 @@ def test_every_command_has_help(capsys):
         assert "usage: clipkit" in capsys.readouterr().out
 
 
-def test_demo_smoke_runs_and_round_trips(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "a red circle" in out and "max abs embedding difference 0.0e+00" in out
-    assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--limit", "40", "--max-steps", "2", "--batch-size", "8",
+                 "--rerank-prompts", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot top-1 (subcategory)" in printed and "clipkit serve --index" in printed
+    for name in ("data/train.csv", "model/model.safetensors", "index/index.faiss", "metrics.json", "report.html",
+                 "search_text.png", "search_image.png", "few_shot.png"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["zeroshot/top1"] <= 1.0 and metrics["zeroshot/chance_top1"] > 0
+    assert metrics["index/count"] > 0 and metrics["train/steps"] == 2
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Zero-shot subcategory labelling" in page
+    model, _, tok = clipkit.load(out / "model")  # the demo's model is a normal clipkit directory
+    assert model.encode_text(tok(["a red apple"])).shape[0] == 1
 
 
 def test_convert_bad_path_is_one_line_error(tmp_path, capsys):

@@ -17,7 +17,7 @@ LAYERS = [
     ("factory", "convert", "losses"),
     ("checkpoint",),
     ("embed", "data", "cache", "datasets"),
-    ("evaluate", "fewshot", "plots", "scoring", "search"),
+    ("evaluate", "fewshot", "plots", "scoring", "search", "collection", "tasks", "report"),
     ("runstate", "train"),
     ("service", "demo"),
     ("cli",),
