@@ -1,0 +1,60 @@
+"""Load a CLIP checkpoint you have on disk (Hugging Face dir or OpenCLIP/OpenAI file), check it, save it as clipkit.
+
+    python examples/load_pretrained.py --open-clip laion.safetensors --arch ViT-B-32 --no-quick-gelu --out vit-b-32
+    python examples/load_pretrained.py --hf clip-vit-base-patch32/ --out vit-b-32 --export-hf vit-b-32-hf
+
+OpenAI weights use QuickGELU (the ViT-B-32 default); OpenCLIP's LAION ViT-B-32 weights need --no-quick-gelu.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+import clipkit
+
+CAPTIONS = ["a red circle", "a blue square", "a photo of a dog"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="a transformers CLIPModel directory (save_pretrained output)")
+    src.add_argument("--open-clip", help="an OpenCLIP/OpenAI ViT state dict (.pt, .bin or .safetensors)")
+    p.add_argument("--arch", default="ViT-B-32", help="preset giving activation and preprocessing (--open-clip)")
+    p.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", default=None,
+                   help="GELU instead of the preset's QuickGELU (OpenCLIP's own ViT-B-32 weights)")
+    p.add_argument("--image", help="image for the sanity check (default: a drawn red circle)")
+    p.add_argument("--out", required=True, help="where the clipkit model directory goes")
+    p.add_argument("--export-hf", help="also export back to a transformers.CLIPModel directory here")
+    args = p.parse_args(argv)
+
+    # arch and quick_gelu apply to OpenCLIP files only; a Hugging Face directory describes itself
+    model, preprocess, tokenizer = clipkit.load(args.hf or args.open_clip, arch=args.arch, quick_gelu=args.quick_gelu)
+    print(f"loaded: {model.embed_dim}-d embeddings, {preprocess.cfg.image_size} px images")
+
+    image = clipkit.load_image(args.image) if args.image else Image.new("RGB", (224, 224), "white")
+    if not args.image:
+        ImageDraw.Draw(image).ellipse((40, 40, 184, 184), fill="red")
+    with torch.no_grad():
+        z_img = model.encode_image(preprocess(image)[None])  # [1, D]
+        z_txt = model.encode_text(tokenizer(CAPTIONS))  # [3, D]
+        probs = (model.scales()[0] * z_img @ z_txt.T).softmax(-1)[0]  # [1, 3] -> [3]
+    for caption, prob in zip(CAPTIONS, probs.tolist()):
+        print(f"  p={prob:.3f}  {caption}")  # a trained model puts most mass on "a red circle"
+
+    clipkit.save(model, tokenizer, args.out)
+    reloaded, _, _ = clipkit.load(args.out)
+    with torch.no_grad():
+        diff = (reloaded.encode_image(preprocess(image)[None]) - z_img).abs().max().item()
+    print(f"saved to {args.out} (reload max |diff| {diff:.1e})")
+    if args.export_hf:
+        clipkit.save_hf(model, tokenizer, args.export_hf)
+        print(f"exported to {args.export_hf} (transformers.CLIPModel.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
