@@ -7,8 +7,13 @@ tombstoned so ids never move. Per-call knobs (nprobe, efSearch, id filters) trav
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
+import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,26 +49,33 @@ def _pq_m(n: int, d: int, budget: int | None) -> int:
     return fits[-1]
 
 
+def default_memory_budget() -> int:
+    """Half of this machine's physical memory: what `auto` may spend on an index when no budget is given."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 def choose_factory(n: int, d: int, memory_budget_bytes: int | None = None) -> str:
     """The `auto` rule: the cheapest FAISS factory string that is exact or near-exact for n vectors of dim d.
 
     - n < 50k and full vectors fit the budget: `Flat` (exact, no training);
-    - n < 1M: `HNSW32` if vectors + graph (~4d+272 B/vector) fit, else `IVF{nlist},Flat` if 4d+16 B fit;
-    - otherwise, or when no full-precision layout fits: `IVF{nlist},PQ{m}x4fsr`, 4-bit fast-scan PQ on
-      residuals, m = d/4 sub-quantizers (m/2 bytes per vector), fewer until n*(m/2+16) fits the budget.
-    nlist = 4*sqrt(n), clamped to [1, min(65536, n/39)]. Budgets count the index in RAM, not vectors.npy
-    (memory-mapped). Pair the PQ layout with `search(..., rerank=r)` to recover exact ranking.
+    - n < 1M and vectors + graph (~4d+272 B/vector) fit: `HNSW32`;
+    - any n whose full vectors fit (4d+16 B/vector): `IVF{nlist},Flat` (near-exact with tuned nprobe);
+    - only when no full-precision layout fits: `IVF{nlist},PQ{m}x4fsr`, 4-bit fast-scan PQ on residuals,
+      m = d/4 sub-quantizers (m/2 bytes per vector), fewer until n*(m/2+16) fits the budget.
+    The budget defaults to half of physical memory. nlist = 4*sqrt(n), clamped to [1, min(65536, n/39)].
+    Budgets count the index in RAM, not vectors.npy (memory-mapped). Pair the PQ layout with
+    `search(..., rerank=r)` to recover exact ranking.
     """
     if n < 0 or d < 1:
         raise ValueError(f"need n >= 0 and d >= 1, got n={n}, d={d}")
-    budget = math.inf if memory_budget_bytes is None else memory_budget_bytes
+    budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
     if n < FLAT_MAX_N and n * (4 * d + 8) <= budget:  # + 8 B: the IDMap's id
         return "Flat"
     if n < HNSW_MAX_N and n * (4 * d + 2 * 32 * 4 + 16) <= budget:  # level-0 graph links
         return "HNSW32"
-    if n < HNSW_MAX_N and n * (4 * d + 16) <= budget:  # ids in the inverted lists too
+    if n * (4 * d + 16) <= budget:  # ids in the inverted lists too
         return f"IVF{_nlist(n)},Flat"
-    return f"IVF{_nlist(n)},PQ{_pq_m(n, d, memory_budget_bytes)}x4fsr"
+    return f"IVF{_nlist(n)},PQ{_pq_m(n, d, budget)}x4fsr"
 
 
 def resolve_factory(kind: str, n: int, d: int, memory_budget_bytes: int | None = None) -> str:
@@ -241,6 +253,11 @@ class SearchIndex:
                     break
             out["efSearch"] = int(core.hnsw.efSearch)
         out["recall@10"] = round(_hit_rate(_drop_self(self.search(q, 11)[1], qi, 10), truth), 4)
+        out["target_recall"] = target
+        if out["recall@10"] < target:  # say so instead of quietly shipping a low-recall index
+            out["warning"] = (f"recall@10 {out['recall@10']} is below the {target} target even at the widest "
+                              "search setting; use search(..., rerank=r), a larger PQ, or IVF/Flat")
+            logging.getLogger("clipkit.search").warning(out["warning"])
         if self.vectors is not None and out["recall@10"] < 1.0:
             ids = self.search(q, 11, rerank=10)[1]
             out["recall@10_rerank10"] = round(_hit_rate(_drop_self(ids, qi, 10), truth), 4)
@@ -440,6 +457,9 @@ class SearchIndex:
         with atomic_dir(directory) as tmp:
             with atomic_path(tmp / "index.faiss") as p:  # write_index truncates its target first
                 faiss.write_index(self.index, str(p))
+            lists = ondisk_lists(self.index)
+            if lists is not None:  # index.faiss names the list data; load looks for it beside index.faiss
+                _link_or_copy(Path(lists.filename), tmp / Path(lists.filename).name)
             self.metadata.assign(**{DELETED_COL: self.deleted}).to_parquet(tmp / "meta.parquet", index=False)
             if self.vectors is not None:
                 np.save(tmp / "vectors.npy", self.vectors)
@@ -529,11 +549,42 @@ def _read_info(d: Path) -> dict:
     return info
 
 
+def ondisk_lists(index: faiss.Index) -> faiss.OnDiskInvertedLists | None:
+    """The OnDiskInvertedLists of an IVF index built with FAISS's on-disk merge, else None."""
+    core = _core(index)
+    if not isinstance(core, faiss.IndexIVF):
+        return None
+    lists = faiss.downcast_InvertedLists(core.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (no copy of a large list file) when src and dst share a filesystem, else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """Send C-level stdout to stderr for a moment, so library chatter cannot corrupt `--json` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _read_faiss(path: Path) -> faiss.Index:
     if not path.is_file():
         raise IndexLoadError(f"{path}: missing")
     try:
-        index = faiss.read_index(str(path))
+        with _c_stdout_to_stderr():  # FAISS printf()s the on-disk list path it resolves
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except (RuntimeError, MemoryError, OSError) as e:
         raise IndexLoadError(f"{path}: truncated or corrupt ({str(e).strip().splitlines()[-1]})") from None
     if not isinstance(index, faiss.IndexIDMap2):

@@ -81,11 +81,21 @@ def small_index(kind: str = "flat", n: int = 1000, d: int = 16, seed: int = 1) -
     (50_000, 64, None, "HNSW32"),
     (200_000, 512, 200_000 * (4 * 512 + 16), "IVF1788,Flat"),  # HNSW graph does not fit, vectors do
     (200_000, 512, 200_000 * 40, "IVF1788,PQ32x4fsr"),  # full vectors do not fit: PQ shrunk to fit
-    (2_000_000, 512, None, "IVF5656,PQ128x4fsr"),
+    (2_000_000, 512, 2_000_000 * (4 * 512 + 16), "IVF5656,Flat"),  # full vectors fit: near-exact IVF
+    (2_000_000, 512, 2_000_000 * 100, "IVF5656,PQ128x4fsr"),
     (20_000, 64, 20_000 * 400, "Flat"),
 ])
 def test_choose_factory_rule(n, d, budget, want):
     assert choose_factory(n, d, budget) == want
+
+
+def test_auto_budget_defaults_to_half_of_memory(monkeypatch):
+    import clipkit.search as search
+
+    monkeypatch.setattr(search, "default_memory_budget", lambda: 2_000_000 * 100)
+    assert choose_factory(2_000_000, 512) == "IVF5656,PQ128x4fsr"
+    monkeypatch.setattr(search, "default_memory_budget", lambda: 1 << 40)
+    assert choose_factory(2_000_000, 512) == "IVF5656,Flat"
 
 
 def test_kind_names_and_raw_strings():
