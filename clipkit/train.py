@@ -34,7 +34,7 @@ from .model import CLIPModel
 from .tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger("clipkit.train")
-NO_DECAY = ("bias", "norm", "embed", "logit_scale", "logit_bias", "cls_token", "pos_embed")
+NO_DECAY = ("embedding", "cls_token", "pos_embed")  # token/position tables; biases, norms and scales are 1-D
 
 
 class TrainingError(ClipkitError):
@@ -141,7 +141,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or any(k in name.lower() for k in NO_DECAY)
+        skip = p.ndim < 2 or any(k in name for k in NO_DECAY)
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -211,7 +211,8 @@ class Trainer:
         warmup = min(cfg.warmup_steps, self.total_steps // 2)
         if warmup < cfg.warmup_steps:
             log.warning("warmup_steps %d is over half of the %d steps: using %d", cfg.warmup_steps, self.total_steps, warmup)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+                                           eps=1e-6, fused=True)  # one kernel for all tensors (CPU and CUDA)
         self.scheduler = cosine_with_warmup(self.optimizer, warmup, self.total_steps)
         self.loss_fn = create_loss(cfg.loss, **({"label_smoothing": cfg.label_smoothing} if cfg.loss == "clip" else {}))
         self.ddp = self._wrap_ddp()
