@@ -70,23 +70,36 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .scoring import score_table
 
     summary = score_table(args.model, args.pairs, prompt_col=args.prompt_column, image_col=args.image_column,
-                          prefix=args.prefix, r_precision=args.r_precision, json_out=args.json)
+                          prefix=args.prefix, r_precision=args.r_precision, reference_col=args.reference_column,
+                          resize_mode=args.resize_mode, json_out=args.json)
     for key, value in summary.items():
         print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
     return 0
 
 
-def _cmd_rerank(args: argparse.Namespace) -> int:
-    from .scoring import rerank_files
-
-    result = rerank_files(args.model, args.prompt, args.images, top=args.top, templates=args.templates,
-                          negative_prompt=args.negative_prompt, sheet=args.sheet, json_out=args.json)
+def _print_ranking(result: dict) -> None:
+    print(f"prompt: {result['prompt']}")
     for rank, item in enumerate(result["ranking"], 1):
         score = f"{item['score']:+.4f}" if item["score"] is not None else "failed"
         print(f"{rank:3d}  {score}  {item['image']}" + (f"  ({item['error']})" if "error" in item else ""))
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from .scoring import rerank_files, rerank_pairs
+
+    options = dict(top=args.top, templates=args.templates, negative_prompt=args.negative_prompt,
+                   resize_mode=args.resize_mode, json_out=args.json)
+    if args.pairs:
+        results = rerank_pairs(args.model, args.pairs, sheet_dir=args.sheet, **options)
+    elif args.prompt and args.images:
+        results = [rerank_files(args.model, args.prompt, args.images, sheet=args.sheet, **options)]
+    else:
+        raise ValueError("give --prompt with candidate IMAGES, or --pairs TABLE (prompt, image columns)")
+    for result in results:
+        _print_ranking(result)
     if args.sheet:
-        print(f"contact sheet: {args.sheet}")
-    if all(item["score"] is None for item in result["ranking"]):
+        print(f"contact sheet(s): {args.sheet}")
+    if all(item["score"] is None for r in results for item in r["ranking"]):
         print("clipkit rerank: error: no candidate image could be read", file=sys.stderr)
         return 2
     return 0
@@ -308,6 +321,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--max-bad-fraction", type=float, help="abort when more than this fraction of images is unreadable")
     p.add_argument("--wise-ft", type=float, help="WiSE-FT: mix initial and fine-tuned weights with this coefficient")
+    p.add_argument("--reference-data", help="WiSE-FT: table from the starting model's domain, evaluated for the trade-off")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")
     p.add_argument("--resume-ignore-config", action="store_true", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -315,26 +329,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="CLIPScore / R-precision of (prompt, image) pairs")
+    p = sub.add_parser("score", help="CLIPScore / RefCLIPScore / R-precision of (prompt, image) pairs")
     p.add_argument("--model", required=True)
     p.add_argument("--pairs", required=True, help="table with prompt and image columns")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--image-column", default="image")
+    p.add_argument("--reference-column", help="RefCLIPScore: column of reference captions (JSON list or a|b|c)")
     p.add_argument("--prefix", help='caption prefix; the reference CLIPScore uses "A photo depicts "')
     p.add_argument("--r-precision", type=int, metavar="R", help="also report R-precision with R candidate prompts")
+    p.add_argument("--resize-mode", choices=["shortest", "longest", "squash"],
+                   help="override preprocessing; longest letterboxes odd sizes and transparent padding")
     p.add_argument("--json", help="write per-pair scores and the summary here")
     p.set_defaults(func=_cmd_score)
 
 
 def _add_rerank(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rerank", help="rank candidate images for a prompt (best-of-N)")
+    p = sub.add_parser("rerank", help="rank candidate images for a prompt (best-of-N), or for every prompt of a table")
     p.add_argument("--model", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("images", nargs="+", help="candidate image files")
+    p.add_argument("--prompt", help="the prompt the candidates were generated for")
+    p.add_argument("images", nargs="*", help="candidate image files")
+    p.add_argument("--pairs", help="batch mode: table of (prompt, image) rows, ranked per prompt")
     p.add_argument("--top", type=int, help="keep the best K")
     p.add_argument("--templates", nargs="+", help='prompt templates with {} (e.g. "{}" "a picture of {}")')
     p.add_argument("--negative-prompt", help="similarity to this prompt is subtracted")
-    p.add_argument("--sheet", help="write a contact sheet PNG of the ranking here")
+    p.add_argument("--resize-mode", choices=["shortest", "longest", "squash"],
+                   help="override preprocessing; longest letterboxes odd sizes and transparent padding")
+    p.add_argument("--sheet", help="contact sheet PNG (a folder of sheets with --pairs)")
     p.add_argument("--json", help="write the ranking JSON here")
     p.set_defaults(func=_cmd_rerank)
 

@@ -32,7 +32,8 @@ from .data import IMAGE_EXTS, PairDataset, collate, read_pairs, seed_worker
 from .embed import Embedder
 from .errors import DataError
 from .fileio import atomic_path, write_json_atomic
-from .search import SearchIndex, _c_stdout_to_stderr, _check_vectors, exact_search, recall_at_k, resolve_factory
+from .indexio import c_stdout_to_stderr
+from .search import SearchIndex, _check_vectors, exact_search, recall_at_k, resolve_factory
 
 PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 1
@@ -422,7 +423,7 @@ def build_ivf_ondisk(emb_dir: PathLike, out_dir: PathLike, factory: str, *, trai
         blocks = _add_blocks(d, info, meta, str(work / "trained.index"), work, vectors, progress)
         wrapped = faiss.IndexIDMap2(faiss.read_index(str(work / "trained.index")))
         inner = faiss.downcast_index(wrapped.index)
-        with _c_stdout_to_stderr():  # merge_ondisk printf()s the file size
+        with c_stdout_to_stderr():  # merge_ondisk printf()s the file size
             merge_ondisk(inner, blocks, str(work / "lists.ivfdata"))
         wrapped.ntotal = inner.ntotal
         _set_ids(wrapped, np.flatnonzero(ok))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from .errors import DataError
 from .fewshot import (
@@ -39,68 +40,76 @@ CHUNK = 1024  # query rows per similarity block: bounds memory at CHUNK x galler
 # ----------------------------------------------------------------------------- retrieval
 
 
+def _relevance(text_to_image: Any, num_images: int) -> sparse.csr_matrix:
+    """`[Nt, Ni]` boolean relevance from one image index per text, or a sequence of index arrays per text."""
+    if isinstance(text_to_image, np.ndarray) and text_to_image.ndim == 1 and text_to_image.dtype != object:
+        rows, cols = np.arange(len(text_to_image)), np.asarray(text_to_image, np.int64)
+    else:
+        sets = [np.atleast_1d(np.asarray(x, np.int64)) for x in text_to_image]
+        rows, cols = np.repeat(np.arange(len(sets)), [len(x) for x in sets]), np.concatenate(sets or [np.zeros(0, np.int64)])
+    if len(rows) and (cols.min() < 0 or cols.max() >= num_images):
+        raise ValueError("text_to_image holds an index outside the image rows")
+    rel = sparse.csr_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(int(rows.max(initial=-1)) + 1, num_images))
+    if rel.shape[0] and (np.diff(rel.indptr) == 0).any():
+        raise ValueError("every text needs at least one relevant image")
+    return rel
+
+
+def _best_ranks(queries: np.ndarray, gallery: np.ndarray, rel: sparse.csr_matrix) -> np.ndarray:
+    """Per query row: 1 + number of non-relevant gallery items scoring >= its best relevant one (ties pessimistic)."""
+    ranks = []
+    for i in range(0, len(queries), CHUNK):
+        s = finite_scores(queries[i : i + CHUNK] @ gallery.T)  # [B, N]
+        mine = rel[i : i + CHUNK].toarray()  # [B, N]
+        best = np.where(mine, s, -np.inf).max(1, keepdims=True)  # [B, 1]
+        ranks.append(1 + ((s >= best) & ~mine).sum(1))
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
 def retrieval_metrics(
-    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: Any, ks: Sequence[int] = RETRIEVAL_KS
 ) -> dict[str, float]:
     """Text->image and image->text Recall@k and median rank (1-based), plus `chance_*` for each.
 
-    `text_to_image[t]` is the image row of caption t; an image may have several captions. A text
-    query is right at k if its image is in its top k; an image query if ANY of its captions is
-    (its rank is the best among them). Images without captions are gallery-only (no i2t query).
-    Ties are pessimistic (see module docstring).
+    `text_to_image[t]` is the image row of caption t, or an array of rows when a caption fits several
+    images (identical captions of different images). A text query is right at k if one of its images
+    is in its top k; an image query if ANY of its captions is (rank = best among them). Images without
+    captions are gallery-only (no i2t query). Ties are pessimistic (see module docstring).
     """
     image_emb, text_emb = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
-    t2i = np.asarray(text_to_image, np.int64)
-    if len(t2i) != len(text_emb) or len(t2i) == 0 or len(image_emb) == 0:
-        raise ValueError(f"need >= 1 image and text and one image index per text; got {len(image_emb)} images, "
-                         f"{len(text_emb)} texts, {len(t2i)} indices")
-    if t2i.min() < 0 or t2i.max() >= len(image_emb):
-        raise ValueError("text_to_image holds an index outside the image rows")
-    t2i_ranks = np.concatenate([
-        target_ranks(text_emb[i : i + CHUNK] @ image_emb.T, t2i[i : i + CHUNK])  # [B, Ni] -> [B]
-        for i in range(0, len(t2i), CHUNK)
-    ])
-    i2t_ranks = _image_to_text_ranks(image_emb, text_emb, t2i)
+    if len(text_to_image) != len(text_emb) or len(text_emb) == 0 or len(image_emb) == 0:
+        raise ValueError(f"need >= 1 image and text and one entry per text; got {len(image_emb)} images, "
+                         f"{len(text_emb)} texts, {len(text_to_image)} entries")
+    rel = _relevance(text_to_image, len(image_emb))  # [Nt, Ni]
+    captioned = np.flatnonzero(np.diff(rel.tocsc().indptr) > 0)
+    t2i_ranks = _best_ranks(text_emb, image_emb, rel)
+    i2t_ranks = _best_ranks(image_emb[captioned], text_emb, rel.T.tocsr()[captioned])
     out: dict[str, float] = {"num_images": len(image_emb), "num_texts": len(text_emb)}
     for name, ranks in (("text_to_image", t2i_ranks), ("image_to_text", i2t_ranks)):
         for k in ks:
             out[f"{name}_R@{k}"] = float(np.mean(ranks <= k))
         out[f"{name}_median_rank"] = float(np.median(ranks))
-    out.update({f"chance_{k}": v for k, v in retrieval_chance(len(image_emb), t2i, ks).items()})
+    out.update({f"chance_{k}": v for k, v in retrieval_chance(len(image_emb), text_to_image, ks).items()})
     return out
 
 
-def _image_to_text_ranks(image_emb: np.ndarray, text_emb: np.ndarray, t2i: np.ndarray) -> np.ndarray:
-    """Per captioned image: 1 + number of other images' captions scoring >= its best caption."""
-    queries = np.unique(t2i)
-    ranks = []
-    for start in range(0, len(queries), CHUNK):
-        q = queries[start : start + CHUNK]
-        s = finite_scores(image_emb[q] @ text_emb.T)  # [B, Nt]
-        mine = t2i[None, :] == q[:, None]  # [B, Nt]
-        best = np.where(mine, s, -np.inf).max(1, keepdims=True)  # [B, 1]
-        ranks.append(1 + ((s >= best) & ~mine).sum(1))
-    return np.concatenate(ranks)
-
-
-def retrieval_chance(num_images: int, text_to_image: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
+def retrieval_chance(num_images: int, text_to_image: Any, ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
     """What a uniformly random ranking scores, under the same keys as `retrieval_metrics`.
 
-    t2i R@k = k / Ni. i2t R@k = mean over captioned images of P(one of its m captions among the
-    first k of Nt) = 1 - C(Nt - m, k) / C(Nt, k). Median ranks: the expected rank, (Ni + 1) / 2 and
-    the median over images of (Nt + 1) / (m + 1).
+    R@k for a query with m relevant items among n = 1 - C(n - m, k) / C(n, k) (m = 1 for a plain
+    caption: k / Ni), averaged over queries. Median ranks: the median of the expected rank (n + 1) / (m + 1).
     """
-    t2i = np.asarray(text_to_image, np.int64)
-    nt = len(t2i)
-    m = np.bincount(t2i, minlength=num_images)
-    m = m[m > 0]  # captions per captioned image
+    rel = _relevance(text_to_image, num_images)
+    nt = rel.shape[0]
+    m_t = np.diff(rel.indptr)  # relevant images per text
+    m_i = np.diff(rel.tocsc().indptr)
+    m_i = m_i[m_i > 0]  # captions per captioned image
     out: dict[str, float] = {}
-    for k in ks:
-        out[f"text_to_image_R@{k}"] = min(k, num_images) / num_images
-    for k in ks:
-        out[f"image_to_text_R@{k}"] = float(np.mean([_p_any_in_top_k(nt, int(mi), k) for mi in m]))
-    out["text_to_image_median_rank"] = (num_images + 1) / 2
-    out["image_to_text_median_rank"] = float(np.median((nt + 1) / (m + 1)))
+    for name, n, m in (("text_to_image", num_images, m_t), ("image_to_text", nt, m_i)):
+        counts = np.unique(m, return_counts=True)
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(sum(c * _p_any_in_top_k(n, int(mi), k) for mi, c in zip(*counts)) / len(m))
+        out[f"{name}_median_rank"] = float(np.median((n + 1) / (m + 1)))
     return out
 
 
@@ -300,7 +309,11 @@ def eval_zeroshot(
 
 
 def eval_retrieval(embedder: "Embedder", table: pd.DataFrame, num_examples: int = 8, top_k: int = 5) -> EvalResult:
-    """Text<->image recall over the table's rows (repeated images embedded once; unloadable ones skipped)."""
+    """Text<->image recall over the table's rows (unloadable images skipped).
+
+    Repeated images are embedded once, and identical captions are one text query that is right for
+    every image carrying it (two art styles of one emoji share a caption: neither is a wrong answer).
+    """
     _require(table, ["image", "caption"])
     paths, t2i = dedupe_images(table)
     emb, ok = _embed_unique(embedder, paths)
@@ -308,10 +321,13 @@ def eval_retrieval(embedder: "Embedder", table: pd.DataFrame, num_examples: int 
     keep = ok[t2i] & table["caption"].notna().to_numpy()
     if not ok.any() or not keep.any():
         raise DataError("no loadable image with a caption to evaluate")
-    captions = table["caption"].to_numpy()[keep].astype(str).tolist()
+    kept = pd.DataFrame({"caption": table["caption"].to_numpy()[keep].astype(str), "image": new_row[t2i[keep]]})
+    groups = kept.groupby("caption", sort=False)["image"].agg(lambda s: np.unique(s.to_numpy()))
+    captions = groups.index.tolist()
     image_emb, text_emb = emb[ok], embedder.texts(captions)
-    metrics = retrieval_metrics(image_emb, text_emb, new_row[t2i[keep]])
-    metrics.update(skipped_images=int((~ok).sum()), skipped_texts=int(len(table) - keep.sum()))
+    metrics = retrieval_metrics(image_emb, text_emb, list(groups.to_numpy()))
+    metrics.update(skipped_images=int((~ok).sum()), skipped_texts=int(len(table) - keep.sum()),
+                   duplicate_captions=int(len(kept) - len(captions)))
     examples = retrieval_examples(image_emb, text_emb[:num_examples], [p for p, o in zip(paths, ok) if o], top_k)
     examples_dict = {"queries": captions[:num_examples], "results": examples}
     return EvalResult("retrieval", _json_safe(metrics), examples=examples_dict)

@@ -394,37 +394,68 @@ def contact_sheet(ranked: Sequence[RankedImage], out_png: str | os.PathLike, *, 
 
 # --- runners behind `clipkit score` / `clipkit rerank` ------------------------------------------------
 
-def score_table(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prompt", image_col: str = "image",
-                prefix: Optional[str] = None, r_precision: Optional[int] = None,
-                json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
-    """CLIPScore (and R-precision) of a (prompt, image) table; per-pair rows go to `json_out`."""
-    from .data import read_table
+def _embedder(model: Any, resize_mode: Optional[str] = None) -> Any:
+    """An Embedder for a model path (or a copy of the given one); `resize_mode="longest"` letterboxes odd sizes."""
+    import copy
+    from dataclasses import replace
+
     from .embed import Embedder
+    from .transforms import Preprocess
+
+    embedder = model if hasattr(model, "texts") else Embedder(model)
+    if resize_mode is not None:
+        embedder = copy.copy(embedder)  # never change the caller's embedder
+        embedder.preprocess = Preprocess(replace(embedder.preprocess.cfg, resize_mode=resize_mode))
+    return embedder
+
+
+def _references(cell: Any) -> list[str]:
+    """A references cell: a JSON list of captions, or captions separated by `|`."""
+    import json
+
+    text = str(cell).strip()
+    refs = json.loads(text) if text.startswith("[") else text.split("|")
+    return [str(r).strip() for r in refs if str(r).strip()]
+
+
+def score_table(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prompt", image_col: str = "image",
+                prefix: Optional[str] = None, r_precision: Optional[int] = None, reference_col: Optional[str] = None,
+                resize_mode: Optional[str] = None, json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    """CLIPScore (RefCLIPScore with references, R-precision on request) of a (prompt, image) table."""
+    from .data import read_table
     from .fileio import write_json_atomic
 
     table = read_table(pairs, image_col=image_col, caption_col=prompt_col)
-    embedder = model if hasattr(model, "texts") else Embedder(model)
+    embedder = _embedder(model, resize_mode)
     prompts, images = table["caption"].tolist(), table["image"].tolist()
     scores = clip_score(embedder, prompts, images, prefix=prefix)
     summary = {**summarise_scores(scores), "prefix": prefix, "w": 2.5}
+    ref = None
+    if reference_col:
+        if reference_col not in table.columns:
+            raise ValueError(f"no column {reference_col!r}; available: {list(table.columns)}")
+        ref = ref_clip_score(embedder, prompts, images, [_references(c) for c in table[reference_col]], prefix=prefix)
+        summary["refclipscore_mean"] = _json_float(float(np.nanmean(ref))) if np.isfinite(ref).any() else None
     if r_precision:
-        summary.update({f"r_precision_{k}" if k != "r_precision" else k: v
-                        for k, v in globals()["r_precision"](embedder, prompts, images, R=r_precision).items()})
+        rp = globals()["r_precision"](embedder, prompts, images, R=r_precision)
+        summary.update({k if k == "r_precision" else f"r_precision_{k}": v for k, v in rp.items()})
     if json_out:
         rows = [{"prompt": p, "image": r, "clipscore": _json_float(s)}
                 for p, r, s in zip(prompts, table["image_rel"], scores)]
+        for row, v in zip(rows, ref if ref is not None else []):
+            row["refclipscore"] = _json_float(v)
         write_json_atomic(json_out, {**summary, "pairs": rows})
     return summary
 
 
 def rerank_files(model: Any, prompt: str, images: Sequence[str], *, top: Optional[int] = None,
                  templates: Optional[list[str]] = None, negative_prompt: Optional[str] = None,
-                 sheet: Optional[str | os.PathLike] = None, json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+                 resize_mode: Optional[str] = None, sheet: Optional[str | os.PathLike] = None,
+                 json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Rank candidate files for a prompt; optionally write the ranking JSON and a contact sheet."""
-    from .embed import Embedder
     from .fileio import write_json_atomic
 
-    embedder = model if hasattr(model, "texts") else Embedder(model)
+    embedder = _embedder(model, resize_mode)
     ranked = rerank(embedder, prompt, list(images), templates=templates, negative_prompt=negative_prompt)
     kept = ranked[:top] if top else ranked
     if sheet:
@@ -433,3 +464,26 @@ def rerank_files(model: Any, prompt: str, images: Sequence[str], *, top: Optiona
     if json_out:
         write_json_atomic(json_out, result)
     return result
+
+
+def rerank_pairs(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prompt", image_col: str = "image",
+                 top: Optional[int] = None, templates: Optional[list[str]] = None,
+                 negative_prompt: Optional[str] = None, resize_mode: Optional[str] = None,
+                 sheet_dir: Optional[str | os.PathLike] = None,
+                 json_out: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
+    """Batch best-of-N: a (prompt, image) table grouped by prompt; one ranking (and sheet) per prompt."""
+    from .data import read_table
+    from .fileio import write_json_atomic
+
+    table = read_table(pairs, image_col=image_col, caption_col=prompt_col).rename(columns={"caption": "prompt"})
+    ranked = rerank_table(_embedder(model, resize_mode), table, templates=templates,
+                          negative_prompt=negative_prompt, top=None)
+    results = []
+    for i, (prompt, items) in enumerate(ranked.items()):
+        kept = items[:top] if top else items
+        if sheet_dir:
+            contact_sheet(kept, Path(sheet_dir) / f"prompt{i:04d}.png", prompt=prompt)
+        results.append(ranking_json(prompt, kept))
+    if json_out:
+        write_json_atomic(json_out, results)
+    return results

@@ -7,13 +7,10 @@ tombstoned so ids never move. Per-call knobs (nprobe, efSearch, id filters) trav
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import shutil
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +22,11 @@ import pandas as pd
 
 from .errors import IndexLoadError
 from .fileio import atomic_dir, atomic_path, verify_manifest, write_json_atomic, write_manifest
+from .indexio import (DELETED_COL, FORMAT_VERSION, check_index, core_index, link_or_copy,
+                      ondisk_lists, read_faiss, read_info, read_meta, read_vectors)
 
-FORMAT_VERSION = 1
 MAX_K = 10_000
 EXACT_FILTER_MAX = 4096  # filters allowing at most this many rows are searched exactly
-DELETED_COL = "__deleted__"
 RESERVED_KEYS = ("id", "score")
 FLAT_MAX_N, HNSW_MAX_N = 50_000, 1_000_000
 
@@ -173,14 +170,6 @@ def _jsonable(v: Any) -> Any:
     return v.isoformat() if hasattr(v, "isoformat") else v
 
 
-def _core(index: faiss.Index) -> faiss.Index:
-    """The index under the IDMap and any pre-transforms (OPQ, PCA): where nprobe/efSearch live."""
-    idx = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    while isinstance(idx, faiss.IndexPreTransform):
-        idx = faiss.downcast_index(idx.index)
-    return idx
-
-
 def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     """Remove each query's own id from its row, keeping order, and keep k columns."""
     order = np.argsort(ids == self_ids[:, None], axis=1, kind="stable")
@@ -236,7 +225,7 @@ class SearchIndex:
             return {"recall@10": None, "eval_queries": 0}
         qi = np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False)
         q, truth = x[qi], _drop_self(exact_search(x, x[qi], 11)[1], qi, 10)
-        core, out = _core(self.index), {"eval_queries": len(qi)}
+        core, out = core_index(self.index), {"eval_queries": len(qi)}
         if isinstance(core, faiss.IndexIVF):  # build time only: the index is not shared yet
             for p in sorted({min(2 ** i, core.nlist) for i in range(4, 17)}):
                 core.nprobe = p
@@ -281,7 +270,7 @@ class SearchIndex:
         FAISS 1.15 HNSW does not raise efSearch to k, so a k=100 search at efSearch=16 returns a
         16-wide beam padded out: efSearch is max(ef, n) here. `widen` multiplies nprobe/efSearch.
         """
-        core, kw = _core(self.index), {} if sel is None else {"sel": sel}
+        core, kw = core_index(self.index), {} if sel is None else {"sel": sel}
         if isinstance(core, faiss.IndexIVF):
             base = core.nprobe if nprobe is None else nprobe
             return faiss.SearchParametersIVF(nprobe=min(base * widen, core.nlist), **kw)
@@ -291,7 +280,7 @@ class SearchIndex:
         return faiss.SearchParameters(**kw)
 
     def _check_knobs(self, nprobe: Any, ef_search: Any, rerank: Any, mmr: Any) -> None:
-        core = _core(self.index)
+        core = core_index(self.index)
         for name, value, kind in (("nprobe", nprobe, faiss.IndexIVF), ("ef_search", ef_search, faiss.IndexHNSW)):
             if value is not None and not isinstance(core, kind):
                 raise ValueError(f"{name} applies to {kind.__name__[5:]} indexes only, not {self.factory!r}")
@@ -438,7 +427,7 @@ class SearchIndex:
         # IndexIDMap.remove_ids assumes the sub-index compacts like IndexFlat. IVF keeps its internal
         # labels (the id map would silently point at the wrong rows, then abort) and HNSW cannot
         # delete, so those keep the vectors and exclude them at search time.
-        if isinstance(_core(self.index), faiss.IndexFlatCodes):
+        if isinstance(core_index(self.index), faiss.IndexFlatCodes):
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
         else:
             self._masked = np.union1d(self._masked, ids)
@@ -459,7 +448,7 @@ class SearchIndex:
                 faiss.write_index(self.index, str(p))
             lists = ondisk_lists(self.index)
             if lists is not None:  # index.faiss names the list data; load looks for it beside index.faiss
-                _link_or_copy(Path(lists.filename), tmp / Path(lists.filename).name)
+                link_or_copy(Path(lists.filename), tmp / Path(lists.filename).name)
             self.metadata.assign(**{DELETED_COL: self.deleted}).to_parquet(tmp / "meta.parquet", index=False)
             if self.vectors is not None:
                 np.save(tmp / "vectors.npy", self.vectors)
@@ -472,13 +461,13 @@ class SearchIndex:
              verify: bool = True) -> SearchIndex:
         """Load and cross-check a saved index; any inconsistency raises IndexLoadError, never half-loads."""
         d = Path(directory)
-        info = _read_info(d)
+        info = read_info(d)
         if verify and not verify_manifest(d, IndexLoadError):
             raise IndexLoadError(f"{d}: missing manifest.json (pass verify=False to skip checksums)")
-        index = _read_faiss(d / "index.faiss")
-        _check_index(d, index, info, expected_dim)
-        meta, deleted = _read_meta(d / "meta.parquet", index)
-        vectors = _read_vectors(d / "vectors.npy", (len(meta), index.d), mmap) if info["has_vectors"] else None
+        index = read_faiss(d / "index.faiss")
+        check_index(d, index, info, expected_dim)
+        meta, deleted = read_meta(d / "meta.parquet", index)
+        vectors = read_vectors(d / "vectors.npy", (len(meta), index.d), mmap) if info["has_vectors"] else None
         return cls(index, meta, info["factory"], vectors=vectors, deleted=deleted,
                    model_id=info.get("model_id"), build_report=info.get("build_report"))
 
@@ -529,105 +518,3 @@ def _mmr(q: np.ndarray, rel: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k
         sim = np.einsum("qcd,qd->qc", cand, cand[rows, pick])  # [nq, C]: similarity to the new pick
         penalty = sim if t == 0 else np.maximum(penalty, sim)
     return out_s, out_i
-
-
-def _read_info(d: Path) -> dict:
-    path = d / "index.json"
-    if not path.is_file():
-        raise IndexLoadError(f"{d}: not an index directory (missing index.json)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        version, dim, count = info["format_version"], int(info["dim"]), int(info["count"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise IndexLoadError(f"{path}: unreadable ({e})") from None
-    if version != FORMAT_VERSION:
-        raise IndexLoadError(f"{path}: unsupported format_version {version} (expected {FORMAT_VERSION})")
-    if info.get("metric") != "ip" or info.get("normalized") is not True:
-        raise IndexLoadError(f"{path}: metric/normalization mismatch: expected metric 'ip' on normalized "
-                             f"vectors, got {info.get('metric')!r}, normalized={info.get('normalized')!r}")
-    info.setdefault("has_vectors", (d / "vectors.npy").exists())
-    return info
-
-
-def ondisk_lists(index: faiss.Index) -> faiss.OnDiskInvertedLists | None:
-    """The OnDiskInvertedLists of an IVF index built with FAISS's on-disk merge, else None."""
-    core = _core(index)
-    if not isinstance(core, faiss.IndexIVF):
-        return None
-    lists = faiss.downcast_InvertedLists(core.invlists)
-    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (no copy of a large list file) when src and dst share a filesystem, else copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-@contextlib.contextmanager
-def _c_stdout_to_stderr():
-    """Send C-level stdout to stderr for a moment, so library chatter cannot corrupt `--json` output."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _read_faiss(path: Path) -> faiss.Index:
-    if not path.is_file():
-        raise IndexLoadError(f"{path}: missing")
-    try:
-        with _c_stdout_to_stderr():  # FAISS printf()s the on-disk list path it resolves
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    except (RuntimeError, MemoryError, OSError) as e:
-        raise IndexLoadError(f"{path}: truncated or corrupt ({str(e).strip().splitlines()[-1]})") from None
-    if not isinstance(index, faiss.IndexIDMap2):
-        raise IndexLoadError(f"{path}: expected an IndexIDMap2, got {type(index).__name__}")
-    return index
-
-
-def _check_index(d: Path, index: faiss.Index, info: dict, expected_dim: int | None) -> None:
-    if index.d != info["dim"]:
-        raise IndexLoadError(f"{d}: dim mismatch: index.faiss has d={index.d}, index.json says {info['dim']}")
-    if expected_dim is not None and index.d != expected_dim:
-        raise IndexLoadError(f"{d}: dim mismatch: index has d={index.d} but the model embeds to {expected_dim}")
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise IndexLoadError(f"{d}: metric mismatch: index.faiss is not an inner-product index")
-    if index.ntotal != info["count"]:
-        raise IndexLoadError(f"{d}: count mismatch: index.faiss holds {index.ntotal} vectors, "
-                             f"index.json says {info['count']}")
-
-
-def _read_meta(path: Path, index: faiss.Index) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata and tombstones; every live row must be in the index and every index id a row."""
-    try:
-        meta = pd.read_parquet(path)
-        deleted = np.array(meta.pop(DELETED_COL), dtype=bool)  # a copy: pandas 3 hands out read-only views
-    except Exception as e:  # pyarrow raises its own types for corrupt files
-        raise IndexLoadError(f"{path}: unreadable or not clipkit metadata ({e})") from None
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= len(meta)):
-        raise IndexLoadError(f"{path}: count mismatch: index ids reach {ids.max()} but metadata has "
-                             f"{len(meta)} rows")
-    live_in_index = np.sort(ids[~deleted[ids]])
-    if not np.array_equal(live_in_index, np.flatnonzero(~deleted)):
-        raise IndexLoadError(f"{path}: count mismatch: index holds {live_in_index.size} live vectors, "
-                             f"metadata has {int((~deleted).sum())} live rows")
-    return meta.reset_index(drop=True), deleted
-
-
-def _read_vectors(path: Path, shape: tuple[int, int], mmap: bool) -> np.ndarray:
-    try:
-        vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise IndexLoadError(f"{path}: truncated or corrupt ({e})") from None
-    if vectors.shape != shape or vectors.dtype != np.float32:
-        raise IndexLoadError(f"{path}: shape/dtype mismatch: {vectors.shape} {vectors.dtype}, "
-                             f"expected {shape} float32")
-    return vectors

@@ -1,8 +1,9 @@
 """Evaluation tasks built from a labelled table: best-of-N candidate selection (reranking).
 
-For each prompt (a caption), the candidates are its own image degraded by augmentation plus N-1
-distractor images from the same label (e.g. the same emoji subcategory), so the reranker has to
-read the prompt, not just the category. Best-of-N top-1 accuracy has chance level 1/N.
+For each prompt (a caption), the candidates are its own image plus N-1 distractor images from the
+same label (e.g. the same emoji subcategory), so the reranker has to read the prompt, not just the
+category. EVERY candidate is degraded the same way (generator samples are all imperfect): degrading
+only the target would let a model win or lose by image quality alone. Chance is 1/N.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def best_of_n_task(
     table: pd.DataFrame, out_dir: PathLike, *, n: int = 8, num_prompts: int = 100, label_column: str = "label",
     seed: int = 0,
 ) -> list[CandidateSet]:
-    """Build up to `num_prompts` candidate sets of size `n`; degraded copies are written under `out_dir`.
+    """Build up to `num_prompts` candidate sets of size `n`; degraded copies of all candidates go to `out_dir`.
 
     Rows whose label has fewer than `n` distinct images are not used as prompts. Deterministic for a seed.
     """
@@ -60,12 +61,13 @@ def best_of_n_task(
     for i, row in enumerate(rows.itertuples(index=False)):
         own = getattr(row, "image")
         pool = [p for p in images_by_label[getattr(row, label_column)] if p != own]
-        distractors = [pool[j] for j in rng.choice(len(pool), size=n - 1, replace=False)]
-        copy = out / f"prompt{i:04d}_own.png"
-        degrade(load_image(own), rng).save(copy)
-        candidates = distractors + [str(copy)]
-        order = rng.permutation(n)
-        candidates = [candidates[j] for j in order]
+        sources = [pool[j] for j in rng.choice(len(pool), size=n - 1, replace=False)] + [own]
+        order = rng.permutation(n)  # the target (last source) lands at position where(order == n - 1)
+        candidates = []
+        for slot, j in enumerate(order):
+            copy = out / f"prompt{i:04d}_cand{slot}.png"
+            degrade(load_image(sources[j]), rng).save(copy)
+            candidates.append(str(copy))
         sets.append(CandidateSet(getattr(row, "caption"), candidates, int(np.where(order == n - 1)[0][0])))
     return sets
 

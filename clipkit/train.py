@@ -78,6 +78,7 @@ class TrainConfig:
     max_nonfinite: int = 5
     train_tokenizer: bool = True
     wise_ft: Optional[float] = None
+    reference_data: Optional[str] = None  # a table of the starting model's domain: WiSE-FT reports on it too
     resume: bool = False
     resume_ignore_config: bool = False
     progress: bool = True
@@ -537,17 +538,20 @@ class Trainer:
         return summary
 
     def _wise_ft(self) -> dict[str, Any]:
-        """Interpolate initial and fine-tuned weights; report val metrics of initial, fine-tuned and mix."""
+        """Interpolate initial and fine-tuned weights; report initial, fine-tuned and mix on the new domain
+        (validation table) and, with `reference_data`, on the starting model's domain: the trade-off."""
         alpha = float(self.cfg.wise_ft)
+        ref = self._read_table(self.cfg.reference_data) if self.cfg.reference_data else None
+        report: dict[str, Any] = {"alpha": alpha, **({"reference": {}} if ref is not None else {})}
         tuned = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        report = {"alpha": alpha, "finetuned": self.evaluate()}
-        save_model_dir(self.model, self.tokenizer, self.out / "model_finetuned")
-        self.model.load_state_dict(self.initial_state)
-        report["initial"] = self.evaluate()
         mixed = {k: (1 - alpha) * self.initial_state[k] + alpha * v if v.is_floating_point() else v for k, v in tuned.items()}
-        self.model.load_state_dict(mixed)
-        report["wise_ft"] = self.evaluate()
-        save_model_dir(self.model, self.tokenizer, self.out / "model")
+        save_model_dir(self.model, self.tokenizer, self.out / "model_finetuned")
+        for name, state in (("finetuned", tuned), ("initial", self.initial_state), ("wise_ft", mixed)):
+            self.model.load_state_dict(state)
+            report[name] = self.evaluate()
+            if ref is not None:
+                report["reference"][name] = self.evaluate(table=ref)
+        save_model_dir(self.model, self.tokenizer, self.out / "model")  # the mixed weights are loaded last
         return report
 
     def _plot_loss(self) -> None:

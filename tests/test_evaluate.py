@@ -295,3 +295,39 @@ def test_plots_write_png_atomically(tmp_path):
     plot_loss_curve([0, 1, 2, 3], [2.0, 1.5, 1.2, 1.1], tmp_path / "loss.png", val=([1, 3], [1.6, 1.3]))
     assert all(_is_png(tmp_path / n) for n in ("grid.png", "fs.png", "loss.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "fs.png", "grid.png", "loss.png"]  # no temp files
+
+
+def test_retrieval_with_several_images_per_text_hand_case():
+    # texts: "cat" fits images 0 and 1, "dog" fits image 2; the cat query ranks image 1 first, dog ranks image 2 third
+    img = np.eye(3, dtype=np.float32)
+    txt = np.array([[0.1, 0.9, 0.2], [0.8, 0.5, 0.3]], np.float32)
+    m = retrieval_metrics(img, txt, [np.array([0, 1]), np.array([2])])
+    assert m["text_to_image_R@1"] == 0.5 and m["text_to_image_median_rank"] == 2.0  # ranks 1 and 3
+    # image queries: 0 -> cat is its best text? scores cat 0.1 vs dog 0.8 -> rank 2; 1 -> cat rank 1; 2 -> dog 0.3 vs cat 0.2 -> rank 1
+    assert m["image_to_text_R@1"] == pytest.approx(2 / 3)
+    assert m["chance_text_to_image_R@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+class _TwinStyles:
+    """Embedder stub: two art styles of one emoji share a caption; images sit near their caption."""
+
+    def __init__(self) -> None:
+        self.t = {"a cat": np.array([1, 0, 0], np.float32), "a dog": np.array([0, 1, 0], np.float32)}
+        self.i = {"cat1.png": [1, 0.1, 0], "cat2.png": [1, 0, 0.1], "dog1.png": [0.1, 1, 0], "dog2.png": [0, 1, 0.1]}
+
+    def images(self, items, on_error="raise"):
+        self.failures = []
+        return np.stack([np.asarray(self.i[p], np.float32) / np.linalg.norm(self.i[p]) for p in items])
+
+    def texts(self, strings):
+        return np.stack([self.t[s] for s in strings])
+
+
+def test_identical_captions_of_different_images_are_not_wrong_answers():
+    """Regression: with one text row per image, each image tied with its twin's identical caption and
+    pessimistic ties made image->text R@1 exactly 0 for every image."""
+    table = pd.DataFrame({"image": ["cat1.png", "cat2.png", "dog1.png", "dog2.png"],
+                          "caption": ["a cat", "a cat", "a dog", "a dog"]})
+    m = eval_retrieval(_TwinStyles(), table).metrics
+    assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
+    assert m["num_texts"] == 2 and m["duplicate_captions"] == 2

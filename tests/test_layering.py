@@ -17,6 +17,7 @@ LAYERS = [
     ("factory", "convert", "losses"),
     ("checkpoint",),
     ("embed", "data", "cache", "datasets"),
+    ("indexio",),
     ("evaluate", "fewshot", "plots", "scoring", "search", "collection", "tasks", "report"),
     ("runstate", "train"),
     ("service", "demo"),

@@ -289,3 +289,49 @@ def test_contact_sheet_is_a_png_of_the_expected_size(files: dict, tmp_path: Path
         assert rgb.getpixel((PAD + 48, TITLE_H + 48)) == pytest.approx((0, 120, 255), abs=10)
         assert rgb.getpixel((PAD + 5, TITLE_H + 48)) == TILE_BG  # hidden red under alpha 0 never leaks
     assert [p.name for p in tmp_path.iterdir()] == ["sheet.png"]  # no temp file left behind
+
+
+# --- table runners behind `clipkit score` / `clipkit rerank` ------------------------------------------
+
+
+def _pairs_csv(tmp_path: Path, files: dict) -> Path:
+    good = files["good"]
+    rows = [("a red square", good[0], "a red box|a scarlet square"), ("a red square", good[1], '["a red box"]'),
+            ("a blue circle", good[2], "a blue ball"), ("a blue circle", files["corrupt"], "a blue ball")]
+    text = "prompt,image,refs\n" + "".join(f'{p},{i},"{r.replace(chr(34), chr(34) * 2)}"\n' for p, i, r in rows)
+    (tmp_path / "pairs.csv").write_text(text)
+    return tmp_path / "pairs.csv"
+
+
+def test_score_table_with_references_matches_the_api(embedder: Embedder, files: dict, tmp_path: Path) -> None:
+    from clipkit.scoring import score_table
+
+    out = tmp_path / "scores.json"
+    summary = score_table(embedder, _pairs_csv(tmp_path, files), reference_col="refs", json_out=out)
+    images = [str(p) for p in (*files["good"][:3], files["corrupt"])]
+    prompts = ["a red square", "a red square", "a blue circle", "a blue circle"]
+    want = ref_clip_score(embedder, prompts, images, [["a red box", "a scarlet square"], ["a red box"], ["a blue ball"], ["a blue ball"]])
+    rows = json.loads(out.read_text())["pairs"]
+    assert [r["refclipscore"] for r in rows[:3]] == pytest.approx(want[:3].tolist(), abs=1e-6)
+    assert rows[3]["clipscore"] is None and rows[3]["refclipscore"] is None  # the corrupt image, in its own row
+    assert summary["n_failed"] == 1 and summary["refclipscore_mean"] == pytest.approx(float(np.nanmean(want)), abs=1e-6)
+
+
+def test_rerank_pairs_ranks_each_prompt_and_writes_sheets(embedder: Embedder, files: dict, tmp_path: Path) -> None:
+    from clipkit.scoring import rerank_pairs
+
+    results = rerank_pairs(embedder, _pairs_csv(tmp_path, files), sheet_dir=tmp_path / "sheets", json_out=tmp_path / "r.json")
+    assert [r["prompt"] for r in results] == ["a red square", "a blue circle"]
+    assert [len(r["ranking"]) for r in results] == [2, 2]
+    assert results[1]["ranking"][-1]["score"] is None  # the corrupt candidate is ranked last
+    assert sorted(p.name for p in (tmp_path / "sheets").iterdir()) == ["prompt0000.png", "prompt0001.png"]
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+
+
+def test_resize_mode_override_letterboxes(embedder: Embedder, files: dict) -> None:
+    from clipkit.scoring import _embedder
+
+    boxed = _embedder(embedder, "longest")
+    assert boxed.preprocess.cfg.resize_mode == "longest" and embedder.preprocess.cfg.resize_mode == "shortest"
+    wide = str(files["wide"])
+    assert not np.allclose(boxed.images([wide]), embedder.images([wide]))

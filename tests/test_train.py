@@ -213,12 +213,14 @@ def test_locked_text_tower_stays_fixed_and_siglip_trains(pairs, micro_model, tmp
 
 def test_wise_ft_mixes_initial_and_finetuned_weights(pairs, micro_model, tmp_path):
     run = tmp_path / "run"
-    summary = Trainer(_cfg(pairs, micro_model, run, max_steps=3, val_data=str(pairs), wise_ft=0.5)).fit()
+    summary = Trainer(_cfg(pairs, micro_model, run, max_steps=3, val_data=str(pairs), wise_ft=0.5,
+                           reference_data=str(pairs))).fit()
     init, tuned, mixed = load_file(str(micro_model / "model.safetensors")), load_file(str(run / "model_finetuned/model.safetensors")), _weights(run)
     k = "visual_proj.weight"
     assert torch.allclose(mixed[k], 0.5 * init[k] + 0.5 * tuned[k], atol=1e-6)
     report = summary["wise_ft"]
-    assert set(report) == {"alpha", "initial", "finetuned", "wise_ft"} and "top1" in report["wise_ft"]
+    assert set(report) == {"alpha", "initial", "finetuned", "wise_ft", "reference"} and "top1" in report["wise_ft"]
+    assert set(report["reference"]) == {"initial", "finetuned", "wise_ft"}
 
 
 @pytest.mark.slow
