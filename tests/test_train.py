@@ -75,20 +75,31 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
 
 
-def _cli_train(cfg: TrainConfig, env: dict[str, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+def _cli_train_args(cfg: TrainConfig, resume: bool = False) -> list[str]:
     args = [sys.executable, "-m", "clipkit.cli", "train", "--train-data", cfg.train_data, "--model", cfg.model,
             "--output", cfg.output, "--batch-size", str(cfg.batch_size), "--max-steps", str(cfg.max_steps),
             "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--seed", str(cfg.seed),
-            "--checkpoint-every", str(cfg.checkpoint_every), "--log-every", "1", "--no-progress"]
-    args += ["--resume"] if resume else []
-    return subprocess.run(args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+            "--checkpoint-every", str(cfg.checkpoint_every), "--keep-checkpoints", str(cfg.keep_checkpoints),
+            "--log-every", "1", "--no-progress"]
+    return args + (["--resume"] if resume else [])
+
+
+def _cli_train(cfg: TrainConfig, env: dict[str, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+    """Train in a fresh process, as a user (and a crash) would."""
+    return subprocess.run(_cli_train_args(cfg, resume), env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def reference(pairs, micro_model, tmp_path_factory) -> Path:
-    """An uninterrupted 9-step run that the crash-and-resume runs must reproduce bit for bit."""
+    """An uninterrupted 9-step run that the crash-and-resume runs must reproduce bit for bit.
+
+    It runs in a subprocess like them: process-global state (OpenMP thread counts that other tests
+    change, e.g. through faiss) alters float reduction order, and bitwise equality needs equal runs.
+    """
     out = tmp_path_factory.mktemp("ref") / "run"
-    Trainer(_cfg(pairs, micro_model, out)).fit()
+    proc = _cli_train(_cfg(pairs, micro_model, out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
@@ -139,21 +150,27 @@ def test_sigkill_inside_a_save_keeps_previous_checkpoint(pairs, micro_model, ref
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
 
-def test_corrupt_newest_checkpoint_is_skipped(pairs, micro_model, reference, tmp_path, caplog):
+def test_corrupt_newest_checkpoint_is_skipped(pairs, micro_model, reference, tmp_path):
     cfg = _cfg(pairs, micro_model, tmp_path / "run", keep_checkpoints=3)
     assert _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode == -signal.SIGKILL
     weights = tmp_path / "run/checkpoints/step_00000006/model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
-    Trainer(_cfg(pairs, micro_model, tmp_path / "run", resume=True)).fit()
-    assert "skipping unreadable/unchecked checkpoint step_00000006" in caplog.text
+    resumed = _cli_train(cfg, resume=True)
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout
+    assert "skipping unreadable/unchecked checkpoint step_00000006" in resumed.stderr
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
 
-def test_negative_control_resume_without_scheduler_diverges(pairs, micro_model, reference, tmp_path, monkeypatch):
-    """Proves the equality checks above can fail: skipping one piece of state changes the result."""
-    assert _cli_train(_cfg(pairs, micro_model, tmp_path / "run"), env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode < 0
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "load_state_dict", lambda self, state: None)
-    Trainer(_cfg(pairs, micro_model, tmp_path / "run", resume=True)).fit()
+def test_negative_control_resume_without_scheduler_diverges(pairs, micro_model, reference, tmp_path):
+    """Proves the equality checks above can fail: a resume that skips one piece of state diverges."""
+    cfg = _cfg(pairs, micro_model, tmp_path / "run")
+    assert _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode < 0
+    skip_scheduler = ("import sys, torch\n"
+                      "torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None\n"
+                      "from clipkit.cli import main\nsys.exit(main(sys.argv[1:]))")
+    args = _cli_train_args(cfg, resume=True)
+    proc = subprocess.run([sys.executable, "-c", skip_scheduler, *args[3:]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "resumed from step 6" in proc.stdout, proc.stderr[-2000:]
     with pytest.raises(AssertionError, match="tensors differ"):
         _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
