@@ -231,7 +231,7 @@ def demo_sections(state: dict[str, Any]) -> list[Any]:
         wide = state["few_shot"].pivot(index="k", columns="method", values="mean").reset_index()
         sections.append(Section("Few-shot labelling", ["Top-1 on test emoji with k labelled training images per class "
                                                        f"(mean over seeds {list(cfg.few_shot_seeds)})."],
-                                tables=[(list(wide.columns), wide.values.tolist())],
+                                tables=[(list(wide.columns), [[int(r[0]), *r[1:]] for r in wide.values.tolist()])],
                                 images=[(out / "few_shot.png", "top-1 vs shots per class")]))
     sections.append(Section("Training", [f"recipe {cfg.recipe}, {m.get('train/steps')} steps; model from the {m.get('train/model_from')}"],
                             images=[(out / "run" / "loss_curve.png", "training loss")]))

@@ -19,7 +19,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4}td:first-child,th:first-child,td.text{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0}.note{color:#555;font-size:.95em}
 code{background:#f4f4f4;padding:1px 4px}
 """
@@ -41,9 +41,13 @@ def _cell(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
+def _align(v: Any) -> str:
+    return "" if isinstance(v, (int, float)) else ' class="text"'
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td{_align(v)}>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
