@@ -58,7 +58,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    fields = {f for f in TrainConfig.__dataclass_fields__ if f not in ("extra", "RESUME_FREE")}
+    fields = set(TrainConfig.__dataclass_fields__) - {"extra"}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     summary = train(cfg)
     if "model_dir" in summary:

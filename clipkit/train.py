@@ -203,6 +203,8 @@ class Trainer:
         self.model, self.tokenizer = self._build_model()
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.wise_ft is not None else None
         self.skips = self._new_skip_counter()
+        # with the decoded cache, unreadable rows are counted and dropped before training; else per batch
+        self.counts_skips_per_batch = not cfg.cache_images
         self.dataset = self._build_dataset()
         self.text_cache = self._build_text_cache() if cfg.lock_text else None
         self.sampler = EpochSampler(len(self.table), cfg.batch_size, cfg.seed, self.rank, self.world)
@@ -294,7 +296,6 @@ class Trainer:
         self.skips.seen += int(ok.sum())
         self.skips.check(self.cfg.max_bad_fraction, final=True)
         self.table = self.table[ok.to_numpy()].reset_index(drop=True)
-        self.counts_skips_per_batch = False
 
     def _decoded_cache(self, pcfg: Any) -> Any:
         from .cache import DecodedCache
@@ -371,7 +372,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def _train_step(self, batch: dict[str, Any]) -> Optional[float]:
-        if getattr(self, "counts_skips_per_batch", True):
+        if self.counts_skips_per_batch:
             self.skips.update(batch)
             self.skips.check(self.cfg.max_bad_fraction)
         if len(batch["index"]) < 2:
@@ -399,7 +400,7 @@ class Trainer:
 
     def _grad_cache_step(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], pooled: Optional[torch.Tensor]) -> torch.Tensor:
         m = self.model
-        encode_text = (lambda t: m.encode_text_pooled(t)) if pooled is not None else m.encode_text
+        encode_text = m.encode_text_pooled if pooled is not None else m.encode_text
         scale, bias = m.scales()
         loss = grad_cache_step(m.encode_image, encode_text, pixels, pooled if pooled is not None else tokens,
                                self.loss_fn, scale, bias, chunk_size=self.cfg.grad_cache_chunk)

@@ -253,3 +253,13 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(pairs, micro_mod
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5
+
+
+def test_without_the_image_cache_bad_images_are_counted_per_batch(pairs, micro_model, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(pairs.parent, data)
+    (data / "green_square_0.png").write_bytes(b"<html>404</html>")
+    summary = Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run", max_steps=3, batch_size=8,
+                           cache_images=False, max_bad_fraction=0.5)).fit()  # 3 batches of 8 = one epoch of 24
+    assert summary["skipped"]["by_reason"] == {"unidentified": 1} and summary["skipped"]["seen"] == 24
+    assert not (tmp_path / "run" / "image_cache").exists()
