@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data
-from .data import IMAGE_EXTS, PairDataset, collate, read_pairs, seed_worker
+from .data import PairDataset, collate, read_folder, read_pairs, seed_worker
 from .embed import Embedder
 from .errors import DataError
 from .fileio import atomic_path, write_json_atomic
@@ -65,29 +65,6 @@ class EmbedSummary:
 # ---------------------------------------------------------------------------------------------- sources
 
 
-def read_image_folder(path: PathLike) -> pd.DataFrame:
-    """Every image under `path` (recursive, sorted, hidden entries skipped) with its sidecar caption or "".
-
-    Unlike `data.read_folder`, images without a `.txt` caption are kept: a search collection needs no captions.
-    """
-    root = Path(path).absolute()
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
-    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    rel = [p.relative_to(root) for p in images]
-    txt = [p.with_suffix(".txt") for p in images]
-    df = pd.DataFrame({
-        "image": [str(p) for p in images],
-        "caption": [t.read_text(encoding="utf-8-sig", errors="replace").strip() if t.is_file() else "" for t in txt],
-        "image_rel": [r.as_posix() for r in rel],
-    })
-    if any(len(r.parts) > 1 for r in rel):
-        df["label"] = [r.parts[0] if len(r.parts) > 1 else "" for r in rel]
-    df.attrs["source"] = str(root)
-    return df
-
-
 def _read_table(path: Path) -> pd.DataFrame:
     """`data.read_pairs`; a table without a caption column is read as image rows with empty captions."""
     try:
@@ -106,7 +83,7 @@ def read_source(source: PathLike) -> pd.DataFrame:
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such folder or table")
-    table = read_image_folder(path) if path.is_dir() else _read_table(path)
+    table = read_folder(path, keep_uncaptioned=True) if path.is_dir() else _read_table(path)
     clash = sorted(set(table.columns) & set(OWN_COLUMNS) - {"caption"})
     if clash:
         raise DataError(f"{path}: columns {clash} are reserved by the collection format; rename them")

@@ -181,28 +181,33 @@ def read_table(path: PathLike, *, image_col: str = "image", caption_col: str = "
     return df
 
 
-def read_folder(path: PathLike) -> pd.DataFrame:
+def read_folder(path: PathLike, *, keep_uncaptioned: bool = False) -> pd.DataFrame:
     """Images with sidecar captions (`x.jpg` + `x.txt`) under `path`, recursively, as a pairs table.
 
     Images in sub-folders get a `label` column: the first sub-folder's name (class folders). Images without a
     caption file are dropped and counted in `attrs["missing_captions"]`, empty ones in `dropped_empty_captions`.
+    With `keep_uncaptioned` (a search collection needs no captions) every image is kept, captions stripped,
+    missing ones "".
     """
     root = Path(path).absolute()
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    has_caption = [p.with_suffix(".txt").is_file() for p in images]
-    kept = [p for p, ok in zip(images, has_caption) if ok]
-    df = pd.DataFrame({
-        "image": [str(p) for p in kept],
-        "caption": [p.with_suffix(".txt").read_text(encoding="utf-8-sig", errors="replace") for p in kept],
-        "image_rel": [p.relative_to(root).as_posix() for p in kept],
-    })
-    if any(len(p.relative_to(root).parts) > 1 for p in kept):
-        df["label"] = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in kept]
-    df, dropped = _drop_empty_captions(df)
-    df.attrs.update(source=str(root), missing_captions=len(images) - len(kept), dropped_empty_captions=dropped)
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8-sig", errors="replace")
+                if p.with_suffix(".txt").is_file() else None for p in images]
+    if keep_uncaptioned:
+        kept, captions = images, [(c or "").strip() for c in captions]
+    else:
+        kept, captions = [p for p, c in zip(images, captions) if c is not None], [c for c in captions if c is not None]
+    rel = [p.relative_to(root) for p in kept]
+    df = pd.DataFrame({"image": [str(p) for p in kept], "caption": captions, "image_rel": [r.as_posix() for r in rel]})
+    if any(len(r.parts) > 1 for r in rel):
+        df["label"] = [r.parts[0] if len(r.parts) > 1 else "" for r in rel]
+    df.attrs["source"] = str(root)
+    if not keep_uncaptioned:
+        df, dropped = _drop_empty_captions(df)
+        df.attrs.update(source=str(root), missing_captions=len(images) - len(kept), dropped_empty_captions=dropped)
     return df
 
 

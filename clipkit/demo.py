@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import pandas as pd
 
-from .fileio import atomic_dir, write_json_atomic
+from .fileio import atomic_dir, json_safe, write_json_atomic
 
 TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train", "a heart",
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
@@ -199,8 +198,7 @@ def _report(state: dict[str, Any]) -> None:
     from .report import write_report
 
     out, m = state["out"], state["metrics"]
-    write_json_atomic(out / "metrics.json", {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                                             for k, v in m.items()})
+    write_json_atomic(out / "metrics.json", {k: json_safe(v) for k, v in m.items()})
     write_report(out / "report.html", "clipkit demo: CLIP on emoji",
                  "All figures are measured on the test split, whose emoji never appeared in training.",
                  demo_sections(state))

@@ -28,7 +28,7 @@ from .fewshot import (
     summarise_few_shot,
     target_ranks,
 )
-from .fileio import write_json_atomic
+from .fileio import json_safe, write_json_atomic
 
 if TYPE_CHECKING:  # runners only call .images(paths, on_error="nan"), .failures and .texts(strings)
     from .embed import Embedder
@@ -376,23 +376,14 @@ def eval_linear_probe(
 # ----------------------------------------------------------------------------- output
 
 
-def _plain(v: Any) -> Any:
-    """A JSON-safe scalar: numpy types to Python, NaN/inf to None."""
-    if isinstance(v, (np.integer, np.bool_)):
-        return v.item()
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
-
-
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in metrics.items()}
+    return {k: json_safe(v) for k, v in metrics.items()}
 
 
 def write_json(result: EvalResult, path: Union[str, os.PathLike]) -> None:
     """Write task, metrics and tables (as lists of records) to `path` atomically."""
     tables = {
-        name: [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict("records")]
+        name: [{k: json_safe(v) for k, v in rec.items()} for rec in df.to_dict("records")]
         for name, df in result.tables.items()
     }
     write_json_atomic(path, {"task": result.task, "metrics": _json_safe(result.metrics), "tables": tables})

@@ -8,15 +8,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
 
 from .errors import ClipkitError
 
 MANIFEST = "manifest.json"
+
+
+def json_safe(v: Any) -> Any:
+    """A JSON-safe value: numpy scalars/arrays to Python, NaN/inf/NA to None, timestamps to ISO text."""
+    if isinstance(v, (np.ndarray, list, tuple)):
+        return [json_safe(x) for x in v]
+    if v is None or (np.ndim(v) == 0 and pd.isna(v)):
+        return None
+    v = v.item() if isinstance(v, np.generic) else v
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v.isoformat() if hasattr(v, "isoformat") else v
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ImageLoadError
-from .fileio import atomic_path
+from .fileio import atomic_path, json_safe, write_json_atomic
 from .transforms import load_image
 
 log = logging.getLogger(__name__)
@@ -145,19 +145,15 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, ci: f
     return float(low), float(high)
 
 
-def _json_float(x: float) -> Optional[float]:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def summarise_scores(scores: Sequence[float] | np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean CLIPScore with a 95 % bootstrap CI; `n` counts scored pairs, `n_failed` NaN rows (JSON-safe)."""
     s = np.asarray(scores, np.float64)
     ok = s[~np.isnan(s)]
     low, high = bootstrap_ci(ok, n_boot=n_boot, seed=seed)
     return {
-        "clipscore_mean": _json_float(float(ok.mean())) if ok.size else None,
-        "clipscore_ci_low": _json_float(low),
-        "clipscore_ci_high": _json_float(high),
+        "clipscore_mean": json_safe(float(ok.mean())) if ok.size else None,
+        "clipscore_ci_low": json_safe(low),
+        "clipscore_ci_high": json_safe(high),
         "n": int(ok.size),
         "n_failed": int(s.size - ok.size),
     }
@@ -329,7 +325,7 @@ def ranking_json(prompt: str, ranked: Sequence[RankedImage]) -> dict[str, Any]:
     """`{"prompt", "ranking": [{"image", "score"}, ...]}` best first; NaN scores become null."""
     def item(r: RankedImage) -> dict[str, Any]:
         src = os.fspath(r.image) if isinstance(r.image, (str, os.PathLike)) else None  # in-memory: null
-        d = {"image": src, "score": _json_float(r.score)}
+        d = {"image": src, "score": json_safe(r.score)}
         return d if r.error is None else {**d, "error": r.error}
 
     return {"prompt": prompt, "ranking": [item(r) for r in sorted(ranked, key=lambda r: r.rank)]}
@@ -423,7 +419,6 @@ def score_table(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prom
                 resize_mode: Optional[str] = None, json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """CLIPScore (RefCLIPScore with references, R-precision on request) of a (prompt, image) table."""
     from .data import read_table
-    from .fileio import write_json_atomic
 
     table = read_table(pairs, image_col=image_col, caption_col=prompt_col)
     embedder = _embedder(model, resize_mode)
@@ -435,15 +430,15 @@ def score_table(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prom
         if reference_col not in table.columns:
             raise ValueError(f"no column {reference_col!r}; available: {list(table.columns)}")
         ref = ref_clip_score(embedder, prompts, images, [_references(c) for c in table[reference_col]], prefix=prefix)
-        summary["refclipscore_mean"] = _json_float(float(np.nanmean(ref))) if np.isfinite(ref).any() else None
+        summary["refclipscore_mean"] = json_safe(float(np.nanmean(ref))) if np.isfinite(ref).any() else None
     if r_precision:
         rp = globals()["r_precision"](embedder, prompts, images, R=r_precision)
         summary.update({k if k == "r_precision" else f"r_precision_{k}": v for k, v in rp.items()})
     if json_out:
-        rows = [{"prompt": p, "image": r, "clipscore": _json_float(s)}
+        rows = [{"prompt": p, "image": r, "clipscore": json_safe(s)}
                 for p, r, s in zip(prompts, table["image_rel"], scores)]
         for row, v in zip(rows, ref if ref is not None else []):
-            row["refclipscore"] = _json_float(v)
+            row["refclipscore"] = json_safe(v)
         write_json_atomic(json_out, {**summary, "pairs": rows})
     return summary
 
@@ -453,7 +448,6 @@ def rerank_files(model: Any, prompt: str, images: Sequence[str], *, top: Optiona
                  resize_mode: Optional[str] = None, sheet: Optional[str | os.PathLike] = None,
                  json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Rank candidate files for a prompt; optionally write the ranking JSON and a contact sheet."""
-    from .fileio import write_json_atomic
 
     embedder = _embedder(model, resize_mode)
     ranked = rerank(embedder, prompt, list(images), templates=templates, negative_prompt=negative_prompt)
@@ -473,7 +467,6 @@ def rerank_pairs(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "pro
                  json_out: Optional[str | os.PathLike] = None) -> list[dict[str, Any]]:
     """Batch best-of-N: a (prompt, image) table grouped by prompt; one ranking (and sheet) per prompt."""
     from .data import read_table
-    from .fileio import write_json_atomic
 
     table = read_table(pairs, image_col=image_col, caption_col=prompt_col).rename(columns={"caption": "prompt"})
     ranked = rerank_table(_embedder(model, resize_mode), table, templates=templates,

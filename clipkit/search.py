@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import IndexLoadError
-from .fileio import atomic_dir, atomic_path, verify_manifest, write_json_atomic, write_manifest
+from .fileio import atomic_dir, atomic_path, json_safe, verify_manifest, write_json_atomic, write_manifest
 from .indexio import (DELETED_COL, FORMAT_VERSION, check_index, core_index, link_or_copy,
                       ondisk_lists, read_faiss, read_info, read_meta, read_vectors)
 
@@ -156,18 +156,6 @@ def _check_metadata(metadata: Any, n: int) -> pd.DataFrame:
     if not all(isinstance(c, str) for c in meta.columns) or DELETED_COL in meta.columns:
         raise ValueError(f"metadata column names must be strings other than {DELETED_COL!r}")
     return meta
-
-
-def _jsonable(v: Any) -> Any:
-    """Python scalar for a metadata cell: numpy -> builtin, NaN/NA -> None, timestamps -> ISO text."""
-    if isinstance(v, (np.ndarray, list, tuple)):
-        return [_jsonable(x) for x in v]
-    if v is None or (np.ndim(v) == 0 and pd.isna(v)):
-        return None
-    v = v.item() if isinstance(v, np.generic) else v
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v.isoformat() if hasattr(v, "isoformat") else v
 
 
 def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
@@ -397,7 +385,7 @@ class SearchIndex:
             rows = self.metadata.iloc[i_row[keep]].to_dict("records")
             out.append([
                 {"id": int(i), "score": float(s),
-                 **{c: _jsonable(v) for c, v in r.items() if c not in RESERVED_KEYS}}
+                 **{c: json_safe(v) for c, v in r.items() if c not in RESERVED_KEYS}}
                 for i, s, r in zip(i_row[keep], s_row[keep], rows)
             ])
         return out
