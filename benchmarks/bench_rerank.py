@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import clipkit
 from clipkit.data import read_table
 from clipkit.embed import Embedder
-from clipkit.scoring import rerank
-from clipkit.tasks import best_of_n_accuracy, best_of_n_task
+from clipkit.evaluate.scoring import rerank
+from clipkit.evaluate.tasks import best_of_n_accuracy, best_of_n_task
 
 
 def accuracy(embedder: Embedder, sets: list, templates: Optional[list[str]] = None) -> dict:

@@ -42,8 +42,8 @@ def clustered(n: int, d: int, nq: int, seed: int = 0, clusters: int = 1000) -> t
 
 
 def emoji_vectors(model: str, data_dir: str, workers: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Image embeddings of every emoji image (via clipkit.collection) and text embeddings of the test captions."""
-    from clipkit.collection import embed_collection, load_collection
+    """Image embeddings of every emoji image (via clipkit.search.collection) and text embeddings of the test captions."""
+    from clipkit.search.collection import embed_collection, load_collection
     from clipkit.embed import Embedder
 
     embedder = Embedder(model, progress=False)

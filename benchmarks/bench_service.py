@@ -40,7 +40,7 @@ from clipkit.search import SearchIndex
 
 WORDS = "red green blue cat dog smiling face tree car house flag heart star moon sun fish bird hand".split()
 UPLOAD_CAP = 512 * 1024  # below the 1 MiB probe body, far above the 12 KB query images
-SERVE = ("import json, sys\nfrom clipkit.service import run_server\n"
+SERVE = ("import json, sys\nfrom clipkit.app.service import run_server\n"
          "run_server(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))")
 
 

@@ -88,7 +88,7 @@ def n_params(model: torch.nn.Module, trainable: bool = False) -> int:
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW as clipkit's Trainer builds it (its no-decay groups), for either library's model."""
-    from clipkit.train import param_groups
+    from clipkit.train.trainer import param_groups
 
     return torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
 
@@ -136,7 +136,7 @@ def build_runner(kind: str, batch: int, device: torch.device, precision: str, ch
 def _clipkit_runner(kind: str, batch: int, device: torch.device, pixels: torch.Tensor,
                     amp: Callable[[], Any], chunk: int) -> Runner:
     import clipkit
-    from clipkit.losses import ClipLoss, grad_cache_step
+    from clipkit.train.losses import ClipLoss, grad_cache_step
 
     preset = "tiny-minilm" if kind.startswith("minilm") else "tiny"
     model, loss_fn = clipkit.create_model(preset).to(device).train(), ClipLoss()

@@ -10,14 +10,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "checkpoint", "save": "checkpoint", "save_hf": "checkpoint",
-    "ModelConfig": "config", "PreprocessConfig": "config", "TextConfig": "config", "VisionConfig": "config",
-    "get_preset": "config", "list_presets": "config",
+    "load": "formats", "save": "formats", "save_hf": "formats",
+    "ModelConfig": "model", "PreprocessConfig": "model", "TextConfig": "model", "VisionConfig": "model",
+    "get_preset": "model", "list_presets": "model",
+    "create_model": "model", "create_model_and_tokenizer": "model", "get_tokenizer": "model",
+    "CLIPModel": "model", "ClipOutput": "model", "Tokenizer": "model", "Preprocess": "model", "load_image": "model",
     "Embedder": "embed",
-    "create_model": "factory", "create_model_and_tokenizer": "factory", "get_tokenizer": "factory",
-    "CLIPModel": "model", "ClipOutput": "model",
-    "Tokenizer": "tokenizer",
-    "Preprocess": "transforms", "load_image": "transforms",
+    "SearchIndex": "search",
+    "TrainConfig": "train",
 }
 __all__ = sorted(_EXPORTS)
 

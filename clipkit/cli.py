@@ -13,7 +13,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .app.demo import DemoConfig, run_demo
 
     fields = set(DemoConfig.__dataclass_fields__)
     result = run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
@@ -24,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import load, save, save_hf
+    from .formats import load, save, save_hf
 
     model, _, tok = load(args.src, arch=args.arch, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript)
     out = save_hf(model, tok, args.out) if args.to == "hf" else save(model, tok, args.out)
@@ -33,7 +33,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from .config import get_preset, list_presets
+    from .model.config import get_preset, list_presets
 
     for name in list_presets():
         cfg = get_preset(name)
@@ -43,7 +43,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .datasets import build_emoji_dataset
+    from .data.datasets import build_emoji_dataset
 
     summary = build_emoji_dataset(args.out, size=args.size, seed=args.seed, styles=args.styles, langs=args.langs,
                                   progress=not args.quiet)
@@ -56,7 +56,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train.trainer import TrainConfig, train
 
     fields = set(TrainConfig.__dataclass_fields__) - {"extra"}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -67,10 +67,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .scoring import score_table
+    from .evaluate.runners import score_table
 
     summary = score_table(args.model, args.pairs, prompt_col=args.prompt_column, image_col=args.image_column,
-                          prefix=args.prefix, r_precision=args.r_precision, reference_col=args.reference_column,
+                          prefix=args.prefix, r_precision_r=args.r_precision, reference_col=args.reference_column,
                           resize_mode=args.resize_mode, json_out=args.json)
     for key, value in summary.items():
         print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
@@ -85,7 +85,7 @@ def _print_ranking(result: dict) -> None:
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
-    from .scoring import rerank_files, rerank_pairs
+    from .evaluate.runners import rerank_files, rerank_pairs
 
     options = dict(top=args.top, templates=args.templates, negative_prompt=args.negative_prompt,
                    resize_mode=args.resize_mode, json_out=args.json)
@@ -106,7 +106,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
+    from .evaluate.runners import run_eval
 
     result = run_eval(args.kind, args.model, args.data, train=args.train, label_column=args.label_column,
                       templates=args.templates, json_out=args.json, plot=args.plot)
@@ -143,7 +143,7 @@ def _bytes(text: str) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .collection import embed_collection, shard_from_env
+    from .search.collection import embed_collection, shard_from_env
 
     shard = args.shard or shard_from_env()
     s = embed_collection(args.model, args.images, args.out, shard=shard, shard_size=args.shard_size,
@@ -163,7 +163,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .collection import build_index_from_collection
+    from .search.collection import build_index_from_collection
 
     index = build_index_from_collection(args.embeddings, args.out, args.kind, args.memory_budget,
                                         on_disk=args.on_disk, progress=not args.quiet)
@@ -180,7 +180,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .collection import open_search, search_collection
+    from .search.collection import open_search, search_collection
 
     index, embedder, warnings = open_search(args.index, args.model)
     for w in warnings:
@@ -201,7 +201,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .service import run_server
+        from .app.service import run_server
     except ImportError as e:
         raise ClipkitError(f"the HTTP service is not available ({e})") from None
     api_key = args.api_key or os.environ.get("CLIPKIT_API_KEY") or None

@@ -1,6 +1,8 @@
 """Batched embedding of images and strings to numpy float32 `[N, D]` (used by search, eval and scoring)."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -9,15 +11,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ImageLoadError
-from .model import CLIPModel
-from .tokenizer import Tokenizer
-from .transforms import Preprocess
+from .model.clip import CLIPModel
+from .model.tokenizer import Tokenizer
+from .model.transforms import Preprocess
 
 ImageLike = Union[str, os.PathLike, bytes, Any]  # path, encoded bytes, or PIL image
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (under torchrun, this rank's GPU `cuda:LOCAL_RANK`), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class Embedder:
@@ -44,7 +49,7 @@ class Embedder:
                 raise ValueError("an in-memory model needs preprocess= and tokenizer=")
             self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
         else:
-            from .checkpoint import load
+            from .formats.auto import load
 
             self.model, self.preprocess, self.tokenizer = load(model)
         self.model = self.model.to(self.device).eval()
@@ -99,3 +104,14 @@ class Embedder:
                     raise
                 self.failures.append((i, e))
         return idx, pixels
+
+
+def as_embedder(model: Union[str, os.PathLike, Embedder], *, resize_mode: Optional[str] = None,
+                **embedder_kw: Any) -> Embedder:
+    """`model` if it is an Embedder, else an Embedder of the model at that path. With `resize_mode`
+    (e.g. "longest": letterbox odd sizes) the result is a copy whose preprocessing uses it."""
+    embedder = model if isinstance(model, Embedder) else Embedder(model, **embedder_kw)
+    if resize_mode is not None:
+        embedder = copy.copy(embedder)  # never change the caller's embedder
+        embedder.preprocess = Preprocess(dataclasses.replace(embedder.preprocess.cfg, resize_mode=resize_mode))
+    return embedder

@@ -11,7 +11,8 @@ import json
 from typing import Optional, Sequence
 
 from clipkit import Embedder
-from clipkit.scoring import contact_sheet, ranking_json, rerank
+from clipkit.evaluate import ranking_json, rerank
+from clipkit.report import contact_sheet
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

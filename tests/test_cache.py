@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clipkit import cache as cache_mod
-from clipkit.cache import CachedPairDataset, DecodedCache
-from clipkit.config import PreprocessConfig
+from clipkit.data import cache as cache_mod
+from clipkit.data.cache import CachedPairDataset, DecodedCache
+from clipkit.model.config import PreprocessConfig
 from clipkit.data import PairDataset, SkipCounter, make_loader
 from clipkit.errors import DataError
-from clipkit.tokenizer import byte_level_tokenizer
-from clipkit.transforms import Preprocess
+from clipkit.model.tokenizer import byte_level_tokenizer
+from clipkit.model.transforms import Preprocess
 
 S = 16
 CFG = PreprocessConfig(image_size=S)

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import clipkit
-import clipkit.checkpoint as ckpt
-from clipkit import convert
+import clipkit.formats as ckpt
+from clipkit.formats import native
+from clipkit.formats import hf as convert
 from clipkit.errors import CheckpointError, UnsafeCheckpointError
 from clipkit.fileio import write_manifest
-from clipkit.tokenizer import Tokenizer
+from clipkit.model.tokenizer import Tokenizer
 
 from conftest import HF_CONTEXT, small_clip_tokenizer
 
@@ -86,10 +87,10 @@ def test_save_load_round_trip(preset, request, monkeypatch) -> None:
     def unavailable(*a, **k):
         raise AssertionError("load must not look for the original pretrained text tower")
 
-    import clipkit.config, clipkit.factory, clipkit.towers
-    for mod in (clipkit.config, clipkit.towers):
+    import clipkit.model.config, clipkit.model.factory, clipkit.model.towers
+    for mod in (clipkit.model.config, clipkit.model.towers):
         monkeypatch.setattr(mod, "minilm_dir", unavailable)
-    for mod in (clipkit.towers, clipkit.factory):
+    for mod in (clipkit.model.towers, clipkit.model.factory):
         monkeypatch.setattr(mod, "resolve_pretrained", unavailable)
 
     loaded, preprocess, ltok = clipkit.load(path)
@@ -267,7 +268,7 @@ def test_save_hf_refuses_non_clip_towers(tiny_model_and_tokenizer, tmp_path) -> 
 
 def test_save_hf_refuses_end_token_id_2(hf_clip_dir, tmp_path) -> None:
     """transformers pools at argmax when eos_token_id == 2 (legacy); clipkit's own BPEs put end-of-text at id 2."""
-    from clipkit.tokenizer import byte_level_tokenizer
+    from clipkit.model.tokenizer import byte_level_tokenizer
 
     tok = byte_level_tokenizer(HF_CONTEXT)
     assert tok.eot_token_id == 2
@@ -550,7 +551,7 @@ def test_save_failing_midway_keeps_old_dir(tiny_model_and_tokenizer, saved_tiny_
             f.write(b"\0" * 1000)  # half-written
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_model", disk_full)
+    monkeypatch.setattr(native, "save_model", disk_full)
     with pytest.raises((OSError, CheckpointError)):
         clipkit.save(model, tok, d)
     assert _temp_leftovers(d.parent, d.name) == [] and sorted(p.name for p in d.parent.iterdir()) == siblings

@@ -11,19 +11,6 @@ import clipkit
 from clipkit.cli import build_parser, main
 
 
-@pytest.fixture(scope="module")
-def small_hf_dir(tmp_path_factory):
-    """A random-initialised transformers CLIPModel directory (what save_pretrained writes)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    layer = dict(intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, hidden_size=32)
-    cfg = CLIPConfig(text_config=dict(layer, vocab_size=300, max_position_embeddings=16),
-                     vision_config=dict(layer, image_size=32, patch_size=8), projection_dim=16)
-    path = tmp_path_factory.mktemp("hf")
-    CLIPModel(cfg).save_pretrained(path)
-    return path
-
-
 def test_every_command_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"demo", "convert", "presets"} <= set(commands)
@@ -58,9 +45,9 @@ def test_convert_bad_path_is_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "no such file" in err[0]
 
 
-def test_convert_hf_to_clipkit_and_back(tmp_path, small_hf_dir):
+def test_convert_hf_to_clipkit_and_back(tmp_path, hf_clip_dir):
     out = tmp_path / "ck"
-    assert main(["convert", str(small_hf_dir), "--out", str(out)]) == 0
+    assert main(["convert", str(hf_clip_dir(257)), "--out", str(out)]) == 0
     assert main(["convert", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists() and (out / "manifest.json").exists()
 

@@ -1,4 +1,4 @@
-"""clipkit.collection: chunked, resumable, shardable embedding of image collections, and index builds from them."""
+"""clipkit.search.collection: chunked, resumable, shardable embedding of image collections, and index builds from them."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import clipkit
-from clipkit import collection as col
+from clipkit.search import collection as col
 from clipkit.errors import DataError
 from clipkit.search import SearchIndex
 
@@ -153,7 +153,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, folder, saved_tiny_dir):
     out = tmp_path / "e"
     script = textwrap.dedent(f"""
         import os, signal
-        from clipkit import collection as col
+        from clipkit.search import collection as col
         real = col._write_chunk
         def kill_after_first(out, c, *a):
             real(out, c, *a)

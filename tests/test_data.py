@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clipkit import data
-from clipkit.config import PreprocessConfig
+from clipkit.data import expand_shards
+from clipkit.model.config import PreprocessConfig
 from clipkit.data import (PairDataset, SkipCounter, TarShardDataset, collate, make_loader, pair_dataset,
                           read_folder, read_pairs, read_table)
 from clipkit.errors import DataError
-from clipkit.tokenizer import byte_level_tokenizer
-from clipkit.transforms import Preprocess
+from clipkit.model.tokenizer import byte_level_tokenizer
+from clipkit.model.transforms import Preprocess
 
 S, L = 16, 24
 PRE = Preprocess(PreprocessConfig(image_size=S))
@@ -347,4 +347,4 @@ def test_pipe_spec_runs_only_when_allowed(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="none of the 2 shard"):
         TarShardDataset(str(tmp_path / "missing-{0..1}.tar"), PRE, TOK)
     assert isinstance(pair_dataset(tmp_path / "a.tar", PRE, TOK), TarShardDataset)
-    assert data.expand_shards([tmp_path / "a.tar"]) == [str(tmp_path / "a.tar")]
+    assert expand_shards([tmp_path / "a.tar"]) == [str(tmp_path / "a.tar")]

@@ -7,7 +7,7 @@ import torch
 
 import clipkit
 from clipkit.errors import ImageLoadError
-from clipkit.transforms import Preprocess
+from clipkit.model.transforms import Preprocess
 
 from conftest import random_image
 

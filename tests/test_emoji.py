@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clipkit.datasets import BUILTIN, build_emoji_dataset
-from clipkit.datasets import emoji as emoji_mod
+from clipkit.data.datasets import BUILTIN, build_emoji_dataset
+from clipkit.data.datasets import emoji as emoji_mod
 from clipkit.errors import ClipkitError
 
 COLUMNS = ["image", "caption", "label", "group", "emoji", "style", "lang"]

@@ -1,4 +1,4 @@
-"""clipkit.evaluate and clipkit.plots: hand-computed metrics, pessimistic ties, runners end to end, PNG output."""
+"""clipkit.evaluate and clipkit.report.plots: hand-computed metrics, pessimistic ties, runners end to end, PNG output."""
 from __future__ import annotations
 
 import json
@@ -13,22 +13,11 @@ from conftest import random_image
 
 from clipkit.embed import Embedder
 from clipkit.errors import DataError
-from clipkit.evaluate import (
-    DEFAULT_TEMPLATES,
-    classification_metrics,
-    dedupe_images,
-    eval_linear_probe,
-    eval_retrieval,
-    eval_zeroshot,
-    load_templates,
-    per_class_table,
-    retrieval_chance,
-    retrieval_metrics,
-    write_json,
-    zero_shot_weights,
-)
-from clipkit.fewshot import summarise_few_shot
-from clipkit.plots import plot_few_shot, plot_loss_curve, plot_retrieval_grid
+from clipkit.evaluate.metrics import classification_metrics, per_class_table, retrieval_chance, retrieval_metrics
+from clipkit.evaluate.runners import dedupe_images, eval_linear_probe, eval_retrieval, eval_zeroshot, write_json
+from clipkit.evaluate.zeroshot import DEFAULT_TEMPLATES, load_templates, zero_shot_weights
+from clipkit.evaluate.fewshot import summarise_few_shot
+from clipkit.report.plots import plot_few_shot, plot_loss_curve, plot_retrieval_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import clipkit
-from clipkit.factory import resolve_config
+from clipkit.model.factory import resolve_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -136,7 +136,7 @@ def test_zeroshot_folder(shapes, tiny_model, tmp_path) -> None:
 
 
 def test_rerank_samples(shapes, tiny_model, tmp_path, capsys) -> None:
-    from clipkit.scoring import sheet_size
+    from clipkit.report.plots import sheet_size
 
     sheet, ranking = tmp_path / "sheet.png", tmp_path / "ranking.json"
     candidates = image_files(shapes)[:6]

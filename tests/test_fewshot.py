@@ -1,11 +1,11 @@
-"""clipkit.fewshot: linear probe, zero-shot-anchored blend, Tip-Adapter and the few-shot curve on synthetic clusters."""
+"""clipkit.evaluate.fewshot: linear probe, zero-shot-anchored blend, Tip-Adapter and the few-shot curve on synthetic clusters."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from clipkit.fewshot import (
+from clipkit.evaluate.fewshot import (
     BLEND_L2_GRID,
     METHODS,
     PROBE_L2_GRID,

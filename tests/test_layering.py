@@ -1,4 +1,5 @@
-"""Import direction from DESIGN.md: a module may import the ones below it, never the ones above."""
+"""Import direction: a package imports only the packages below it, and inside a package a module imports
+only the modules below it. The layers are the README's architecture section."""
 from __future__ import annotations
 
 import ast
@@ -7,45 +8,60 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "clipkit"
-# lower index = lower layer; modules in the same tuple may not import each other either way... except as listed
-LAYERS = [
-    ("errors", "fileio"),
-    ("config",),
-    ("transforms", "tokenizer"),
-    ("towers",),
-    ("model",),
-    ("factory", "convert", "losses"),
-    ("checkpoint",),
-    ("embed", "data", "cache", "datasets"),
-    ("indexio",),
-    ("evaluate", "fewshot", "plots", "scoring", "search", "collection", "tasks", "report"),
-    ("runstate", "train"),
-    ("service", "demo"),
-    ("cli",),
-]
-RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+# lower index = lower layer; names in one tuple are peers and must not import each other
+PACKAGES = [("errors",), ("fileio",), ("model",), ("formats", "data"), ("embed",), ("report",),
+            ("evaluate", "search"), ("train",), ("app",), ("cli",)]
+MODULES = {  # inside each subpackage, the same rule over its modules
+    "model": [("config",), ("transforms", "tokenizer"), ("towers",), ("clip",), ("factory",)],
+    "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("auto",)],
+    "data": [("tables",), ("samples",), ("shards", "cache", "datasets")],
+    "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],
+    "search": [("io",), ("index",), ("collection",)],
+    "report": [("page", "plots")],
+    "train": [("losses", "runstate"), ("trainer",)],
+    "app": [("report_sections",), ("demo", "service")],
+}
 
 
-def _imports(path: Path) -> set[str]:
+def _rank(layers: list[tuple[str, ...]]) -> dict[str, int]:
+    return {name: i for i, layer in enumerate(layers) for name in layer}
+
+
+TOP = _rank(PACKAGES)
+
+
+def _imports(path: Path) -> set[tuple[str, ...]]:
+    """Every clipkit module `path` imports, as a tuple of names below `clipkit` (e.g. ("model", "config"))."""
+    here = path.relative_to(PKG).with_suffix("").parts
+    package = here[:-1] if path.name != "__init__.py" else here[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level >= 1:
-            mod = (node.module or "").split(".")[0]
-            names = [mod] if mod else [a.name for a in node.names]
-            found.update(n for n in names if n in RANK)
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = (*base, *(node.module or "").split(".")) if node.module else base
+            names = [(*target, a.name) for a in node.names] if not node.module else [target]
+            found.update(tuple(n for n in name if n) for name in names)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clipkit."):
-            found.add(node.module.split(".")[1])
+            found.add(tuple(node.module.split(".")[1:]))
     return found
 
 
 def _modules() -> list[Path]:
-    return sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG)
+    return sorted(p for p in PKG.rglob("*.py") if p != PKG / "__init__.py")
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
 def test_imports_point_down(path):
-    rel = path.relative_to(PKG)
-    name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-    assert name in RANK, f"{rel}: add this module to LAYERS in tests/test_layering.py (and the README)"
-    upward = [m for m in _imports(path) if RANK[m] > RANK[name]]
-    assert not upward, f"{rel} imports higher layers {upward}"
+    rel = path.relative_to(PKG).with_suffix("").parts
+    top = rel[0]
+    assert top in TOP, f"{'/'.join(rel)}: add {top!r} to PACKAGES in tests/test_layering.py (and the README)"
+    for target in _imports(path):
+        assert TOP[target[0]] <= TOP[top], f"{'/'.join(rel)} imports a higher layer: {'.'.join(target)}"
+        if TOP[target[0]] == TOP[top] and target[0] != top:
+            pytest.fail(f"{'/'.join(rel)} imports its peer {target[0]!r}")
+        if target[0] == top and len(rel) > 1 and rel[-1] != "__init__" and len(target) > 1:
+            inner = _rank(MODULES[top])
+            mine, theirs = rel[1], target[1]
+            assert mine in inner and theirs in inner, f"add {top}/{mine} and {top}/{theirs} to MODULES"
+            assert inner[theirs] < inner[mine] or (mine == theirs), \
+                f"{'/'.join(rel)} imports {'.'.join(target)}, which is not below it"

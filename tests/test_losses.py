@@ -1,4 +1,4 @@
-"""Tests for clipkit.losses: hand-computed values, open_clip parity, 2-process gloo equivalence,
+"""Tests for clipkit.train.losses: hand-computed values, open_clip parity, 2-process gloo equivalence,
 gradient-cache equivalence, and degenerate inputs."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkit.losses import ClipLoss, SigLipLoss, create_loss, grad_cache_step
+from clipkit.train.losses import ClipLoss, SigLipLoss, create_loss, grad_cache_step
 
 ATOL = 1e-6
 

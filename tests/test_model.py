@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clipkit
-from clipkit.config import minilm_dir
+from clipkit.model.config import minilm_dir
 from clipkit.model import ClipOutput
 
 PRESETS = [

@@ -1,4 +1,4 @@
-"""Tests for clipkit.scoring: hand-computed CLIPScore/RefCLIPScore, row alignment with a corrupt image,
+"""Tests for clipkit.evaluate.scoring: hand-computed CLIPScore/RefCLIPScore, row alignment with a corrupt image,
 R-precision on constructed embeddings, reranking, contact sheet and bootstrap CI."""
 from __future__ import annotations
 
@@ -11,21 +11,17 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from clipkit.checkpoint import save
+from clipkit.formats import save
 from clipkit.embed import Embedder
 from clipkit.errors import ImageLoadError
-from clipkit.factory import create_model_and_tokenizer
-from clipkit.scoring import (
-    LABEL_H,
-    PAD,
+from clipkit.model.factory import create_model_and_tokenizer
+from clipkit.report.plots import LABEL_H, PAD, TILE_BG, TITLE_H, contact_sheet
+from clipkit.evaluate.scoring import (
     REFERENCE_PREFIX,
-    TILE_BG,
-    TITLE_H,
     RankedImage,
     _draw_distractors,
     bootstrap_ci,
     clip_score,
-    contact_sheet,
     r_precision,
     r_precision_from_embeddings,
     ranking_json,
@@ -304,7 +300,7 @@ def _pairs_csv(tmp_path: Path, files: dict) -> Path:
 
 
 def test_score_table_with_references_matches_the_api(embedder: Embedder, files: dict, tmp_path: Path) -> None:
-    from clipkit.scoring import score_table
+    from clipkit.evaluate.runners import score_table
 
     out = tmp_path / "scores.json"
     summary = score_table(embedder, _pairs_csv(tmp_path, files), reference_col="refs", json_out=out)
@@ -318,7 +314,7 @@ def test_score_table_with_references_matches_the_api(embedder: Embedder, files: 
 
 
 def test_rerank_pairs_ranks_each_prompt_and_writes_sheets(embedder: Embedder, files: dict, tmp_path: Path) -> None:
-    from clipkit.scoring import rerank_pairs
+    from clipkit.evaluate.runners import rerank_pairs
 
     results = rerank_pairs(embedder, _pairs_csv(tmp_path, files), sheet_dir=tmp_path / "sheets", json_out=tmp_path / "r.json")
     assert [r["prompt"] for r in results] == ["a red square", "a blue circle"]
@@ -329,9 +325,9 @@ def test_rerank_pairs_ranks_each_prompt_and_writes_sheets(embedder: Embedder, fi
 
 
 def test_resize_mode_override_letterboxes(embedder: Embedder, files: dict) -> None:
-    from clipkit.scoring import _embedder
+    from clipkit.embed import as_embedder
 
-    boxed = _embedder(embedder, "longest")
+    boxed = as_embedder(embedder, resize_mode="longest")
     assert boxed.preprocess.cfg.resize_mode == "longest" and embedder.preprocess.cfg.resize_mode == "shortest"
     wide = str(files["wide"])
     assert not np.allclose(boxed.images([wide]), embedder.images([wide]))

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from clipkit.errors import IndexLoadError
-from clipkit.search import (
+from clipkit.search.index import (
     EXACT_FILTER_MAX,
     SearchIndex,
     choose_factory,
@@ -90,7 +90,7 @@ def test_choose_factory_rule(n, d, budget, want):
 
 
 def test_auto_budget_defaults_to_half_of_memory(monkeypatch):
-    import clipkit.search as search
+    import clipkit.search.index as search
 
     monkeypatch.setattr(search, "default_memory_budget", lambda: 2_000_000 * 100)
     assert choose_factory(2_000_000, 512) == "IVF5656,PQ128x4fsr"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import clipkit
-from clipkit import collection as col
+from clipkit.search import collection as col
 from clipkit.cli import main
 
 from conftest import random_image
@@ -164,9 +164,9 @@ def test_incomplete_collection_lists_missing_chunks(built, tmp_path, table, caps
 
 def test_serve_hands_its_arguments_to_the_service(monkeypatch):
     calls = []
-    fake = types.ModuleType("clipkit.service")
+    fake = types.ModuleType("clipkit.app.service")
     fake.run_server = lambda *a, **kw: calls.append((a, kw))
-    monkeypatch.setitem(sys.modules, "clipkit.service", fake)
+    monkeypatch.setitem(sys.modules, "clipkit.app.service", fake)
     monkeypatch.setenv("CLIPKIT_API_KEY", "from-env")
     assert main(["serve", "--index", "i", "--model", "m", "--port", "0"]) == 0
     assert main(["serve", "--index", "i", "--model", "m", "--host", "0.0.0.0", "--api-key", "k"]) == 0

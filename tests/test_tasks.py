@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from clipkit.tasks import best_of_n_accuracy, best_of_n_task
+from clipkit.evaluate.tasks import best_of_n_accuracy, best_of_n_task
 
 
 def _table(tmp_path):

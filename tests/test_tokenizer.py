@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipkit.config import minilm_dir
-from clipkit.tokenizer import (
+from clipkit.model.config import minilm_dir
+from clipkit.model.tokenizer import (
     SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, load_tokenizer, openai_clip_tokenizer, train_bpe,
 )
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import clipkit
 from clipkit.errors import DataError
-from clipkit.factory import resolve_config
+from clipkit.model.factory import resolve_config
 from clipkit.train import TrainConfig, Trainer, TrainingError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20)}

@@ -18,9 +18,9 @@ import torch
 from PIL import Image, features
 from torchvision import transforms as T
 
-from clipkit.config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
+from clipkit.model.config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
 from clipkit.errors import ImageLoadError
-from clipkit.transforms import Preprocess, load_image
+from clipkit.model.transforms import Preprocess, load_image
 
 S = 32
 

