@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -98,6 +98,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def files_fingerprint(paths: Iterable[str], *, extra: Any = None) -> str:
+    """sha256 of `extra` (any JSON value: a config, the captions) and each file's (path, size, mtime); a
+    missing file counts as (-1, -1). It changes when a file is added, removed, renamed, replaced or touched."""
+    def stat(p: str) -> tuple[int, int]:
+        try:
+            st = os.stat(p)
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return -1, -1
+
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for p in paths:
+        h.update(json.dumps([str(p), *stat(str(p))]).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

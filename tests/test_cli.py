@@ -37,6 +37,9 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     assert "data:image/png;base64," in page and "Zero-shot subcategory labelling" in page
     model, _, tok = clipkit.load(out / "model")  # the demo's model is a normal clipkit directory
     assert model.encode_text(tok(["a red apple"])).shape[0] == 1
+    from clipkit.search import open_search
+
+    assert open_search(out / "index", out / "model")[2] == []  # the index knows the model by its fingerprint
 
 
 def test_convert_bad_path_is_one_line_error(tmp_path, capsys):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from clipkit.search import collection as col
 from clipkit.errors import DataError
 from clipkit.search import SearchIndex
 
-from conftest import random_image
+from helpers import random_image
 
 N_IMAGES, BAD_ID, SHARD = 10, 5, 4
 

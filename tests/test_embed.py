@@ -9,7 +9,7 @@ import clipkit
 from clipkit.errors import ImageLoadError
 from clipkit.model.transforms import Preprocess
 
-from conftest import random_image
+from helpers import random_image
 
 TEXTS = ["a red apple", "two dogs in the snow", "a cat", "고양이 사진 🐱", "a long caption " * 30]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import random_image
+from helpers import random_image
 
 from clipkit.embed import Embedder
 from clipkit.errors import DataError

@@ -13,7 +13,7 @@ import clipkit
 from clipkit.search import collection as col
 from clipkit.cli import main
 
-from conftest import random_image
+from helpers import random_image
 
 STYLES = ["noto", "openmoji", "noto", "openmoji", "noto", "noto", "openmoji", "noto"]
 _LOADED: dict[tuple, clipkit.Embedder] = {}

@@ -153,7 +153,7 @@ def _index(state: dict[str, Any]) -> None:
     meta = rows[rows["lang"] == "en"].drop_duplicates("image")
     meta = meta.rename(columns={"image": "path"})[["path", "caption", "emoji", "label", "group", "style", "split"]]
     vectors = emb.images(meta["path"].tolist())
-    index = SearchIndex.build(vectors, meta.reset_index(drop=True), kind="auto", model_id=str(out / "model"))
+    index = SearchIndex.build(vectors, meta.reset_index(drop=True), kind="auto", model_id=emb.model.fingerprint())
     index.save(out / "index")
     state["index"] = index
     state["metrics"].update({"index/count": len(meta), "index/factory": index.factory})

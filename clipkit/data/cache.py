@@ -7,7 +7,6 @@ cache instead. A cache is a folder (`header.json`, `pixels.u8`, `valid.npy`, `im
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ..model.config import PreprocessConfig
 from .samples import Sample, make_sample
 from ..errors import DataError, ImageLoadError
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, files_fingerprint
 from ..model.tokenizer import Tokenizer
 from ..model.transforms import Preprocess
 
@@ -37,16 +36,8 @@ def _geometry(cfg: PreprocessConfig) -> dict[str, Any]:
 
 
 def fingerprint(paths: Sequence[str], cfg: PreprocessConfig) -> str:
-    """sha256 of the geometry config and each image's (path, size, mtime); a missing file counts as (-1, -1)."""
-    def stat(p: str) -> tuple[int, int]:
-        try:
-            st = os.stat(p)
-            return st.st_size, st.st_mtime_ns
-        except OSError:
-            return -1, -1
-
-    items = [[p, *stat(p)] for p in paths]
-    return hashlib.sha256(json.dumps([_geometry(cfg), items]).encode()).hexdigest()
+    """What the cached pixels depend on: the geometry config and every image's (path, size, mtime)."""
+    return files_fingerprint(paths, extra=_geometry(cfg))
 
 
 class _Decode(Dataset):

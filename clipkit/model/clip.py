@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
@@ -53,6 +55,15 @@ class CLIPModel(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    def fingerprint(self) -> str:
+        """`sha256:<16 hex>` of the config and weights: the same model loaded from any format has the same id
+        (what an index records, so a query with another model is noticed)."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        return f"sha256:{h.hexdigest()[:16]}"
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.visual_proj(self.visual(pixels))  # [B, 3, H, W] -> [B, F] -> [B, D]

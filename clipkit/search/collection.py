@@ -9,7 +9,6 @@ keeps its row with ok=False and a zero vector, and is tombstoned in the index bu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from ..data.samples import PairDataset, collate, seed_worker
 from ..data.tables import read_folder, read_pairs, read_raw, resolve_images
 from ..embed import Embedder, as_embedder
 from ..errors import DataError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_path, files_fingerprint, write_json_atomic
 from .io import c_stdout_to_stderr
 from .index import SearchIndex, _check_vectors, exact_search, recall_at_k, resolve_factory
 
@@ -101,15 +100,6 @@ def shard_from_env(env: Optional[dict] = None) -> tuple[int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
-def model_fingerprint(embedder: Embedder) -> str:
-    """sha256 of the model config and weights: the same model loaded from any format gets the same id."""
-    h = hashlib.sha256(json.dumps(embedder.model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in sorted(embedder.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return f"sha256:{h.hexdigest()[:16]}"
-
-
 # ---------------------------------------------------------------------------------------------- embedding
 
 
@@ -131,11 +121,10 @@ def _check_info(out: Path, info: dict) -> None:
 
 def _collection_info(table: pd.DataFrame, embedder: Embedder, source: PathLike, shard_size: int, dtype: str,
                      captions: bool) -> dict:
-    paths = "\n".join(table["path_rel"].astype(str)).encode()
-    return {"format_version": FORMAT_VERSION, "model_id": model_fingerprint(embedder), "dim": embedder.dim,
+    return {"format_version": FORMAT_VERSION, "model_id": embedder.model.fingerprint(), "dim": embedder.dim,
             "dtype": dtype, "count": len(table), "shard_size": shard_size, "chunks": -(-len(table) // shard_size),
             "captions": captions, "source": str(Path(source).absolute()),
-            "source_hash": hashlib.sha256(paths).hexdigest()[:16]}
+            "source_hash": files_fingerprint(table["path"].astype(str))[:16]}
 
 
 def _batches(chunks: Sequence[int], count: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
@@ -447,7 +436,7 @@ def open_search(index_dir: PathLike, model: Union[PathLike, Embedder]) -> tuple[
     if embedder.dim != index.dim:
         raise ValueError(f"dim mismatch: index {index_dir} holds {index.dim}-d vectors but model {model} embeds "
                          f"to {embedder.dim}; query it with the model that embedded the collection")
-    warnings, model_id = [], model_fingerprint(embedder) if index.model_id else None
+    warnings, model_id = [], embedder.model.fingerprint() if index.model_id else None
     if model_id != index.model_id:
         warnings.append(f"index was built from model {index.model_id}, querying with {model_id}")
     return index, embedder, warnings

@@ -6,7 +6,6 @@ RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA); only rank 0 writes files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from ..formats.auto import load as load_model
 from ..formats.native import save as save_model_dir
 from ..errors import ClipkitError
 from ..model.factory import create_model_and_tokenizer
-from ..fileio import write_json_atomic
+from ..fileio import files_fingerprint, write_json_atomic
 from .losses import create_loss, grad_cache_step, world_info
 from ..model.clip import CLIPModel
 from ..model.tokenizer import Tokenizer, train_bpe
@@ -158,16 +157,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
 
 
 def data_fingerprint(table: pd.DataFrame) -> str:
-    """Hash of the image paths, captions, sizes and mtimes: a resume on other data is refused."""
-    h = hashlib.sha256()
-    for path, caption in zip(table["image"], table["caption"]):
-        try:
-            st = os.stat(path)
-            meta = f"{st.st_size}:{int(st.st_mtime)}"
-        except OSError:
-            meta = "missing"
-        h.update(f"{path}\t{caption}\t{meta}\n".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()[:16]
+    """Image files (path, size, mtime) and captions: a resume on other data is refused."""
+    return files_fingerprint(table["image"].astype(str), extra=table["caption"].astype(str).tolist())[:16]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
