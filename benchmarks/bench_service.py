@@ -41,7 +41,8 @@ from clipkit.search import SearchIndex
 WORDS = "red green blue cat dog smiling face tree car house flag heart star moon sun fish bird hand".split()
 UPLOAD_CAP = 512 * 1024  # below the 1 MiB probe body, far above the 12 KB query images
 SERVE = ("import json, sys\nfrom clipkit.app.service import run_server\n"
-         "run_server(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))")
+         "run_server(sys.argv[1], sys.argv[2], on_ready=lambda url: print('listening on', url, flush=True),\n"
+         "           **json.loads(sys.argv[3]))")
 
 
 def build(root: Path, n: int, seed: int = 0) -> tuple[Path, Path, int]:

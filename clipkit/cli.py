@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import ClipkitError
 
@@ -26,7 +27,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .formats import load, save, save_hf
 
-    model, _, tok = load(args.src, arch=args.arch, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript)
+    model, _, tok = load(args.src, format=args.src_format, arch=args.arch, quick_gelu=args.quick_gelu,
+                         trust_torchscript=args.trust_torchscript)
     out = save_hf(model, tok, args.out) if args.to == "hf" else save(model, tok, args.out)
     print(f"wrote {args.to} model to {out}")
     return 0
@@ -56,8 +58,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.trainer import TrainConfig, train
+    from .evaluate.zeroshot import load_templates
+    from .train import TrainConfig, train
 
+    if args.val_templates:
+        args.val_templates = load_templates(args.val_templates)
     fields = set(TrainConfig.__dataclass_fields__) - {"extra"}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     summary = train(cfg)
@@ -69,8 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from .evaluate.runners import score_table
 
-    summary = score_table(args.model, args.pairs, prompt_col=args.prompt_column, image_col=args.image_column,
-                          prefix=args.prefix, r_precision_r=args.r_precision, reference_col=args.reference_column,
+    summary = score_table(args.model, args.pairs, prompt_column=args.prompt_column, image_column=args.image_column,
+                          prefix=args.prefix, r_precision_r=args.r_precision, reference_column=args.reference_column,
                           resize_mode=args.resize_mode, json_out=args.json)
     for key, value in summary.items():
         print(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
@@ -108,6 +113,8 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate.runners import run_eval
 
+    if args.kind == "linear-probe" and not args.train:
+        raise ValueError("linear-probe needs --train TABLE (the labelled images the probe learns from)")
     result = run_eval(args.kind, args.model, args.data, train=args.train, label_column=args.label_column,
                       templates=args.templates, json_out=args.json, plot=args.plot)
     print(result.table())
@@ -157,7 +164,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if s.failures:
         print(f"{len(s.failures)} unreadable image(s) kept as ok=False rows (not indexed):")
         for f in s.failures[:20]:
-            print(f"  id {f['id']}  {f['reason']}  {f['path']}")
+            print(f"  id {f['id']}  {f['reason']}  {f['image']}")
     print(f"embeddings in {s.out_dir}")
     return 0
 
@@ -190,10 +197,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
-    print(f"{'rank':>4s}  {'score':>7s}  {'id':>7s}  path / caption")
+    print(f"{'rank':>4s}  {'score':>7s}  {'id':>7s}  image / caption")
     for rank, r in enumerate(result["results"], 1):
         caption = str(r.get("caption") or "")[:60]
-        print(f"{rank:4d}  {r['score']:+.4f}  {r['id']:7d}  {r.get('path_rel') or r.get('path')}  {caption}")
+        print(f"{rank:4d}  {r['score']:+.4f}  {r['id']:7d}  {r.get('image_rel') or r.get('image')}  {caption}")
     if not result["results"]:
         print("no results")
     return 0
@@ -205,7 +212,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ClipkitError(f"the HTTP service is not available ({e})") from None
     api_key = args.api_key or os.environ.get("CLIPKIT_API_KEY") or None
-    run_server(args.index, args.model, host=args.host, port=args.port, api_key=api_key)
+    run_server(args.index, args.model, host=args.host, port=args.port, api_key=api_key,
+               on_ready=lambda url: print(f"listening on {url}", flush=True))
     return 0
 
 
@@ -267,8 +275,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="zero-shot, retrieval or linear-probe/few-shot evaluation of a model")
     p.add_argument("kind", choices=["zeroshot", "retrieval", "linear-probe"])
     p.add_argument("--model", required=True, help="clipkit/HF model directory or OpenCLIP file")
-    p.add_argument("--data", required=True, help="evaluation table (image, caption[, label])")
-    p.add_argument("--train", help="linear-probe: labelled training table")
+    p.add_argument("--data", required=True, help="evaluation table (image, caption[, label]) or folder; zeroshot and "
+                   "linear-probe read a folder as class folders (label = sub-folder, captions optional)")
+    p.add_argument("--train", help="linear-probe: labelled training table or class folder")
     p.add_argument("--label-column", default="label")
     p.add_argument("--templates", help="file with one prompt template per line, each containing {}")
     p.add_argument("--json", help="write flat metrics here")
@@ -296,8 +305,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="preset for an OpenCLIP file's activation/preprocessing")
     p.add_argument("--text-tower", help="text tower override for a preset: minilm or hf:/dir")
     p.add_argument("--output", required=True, help="run folder: checkpoints/, model/, metrics.jsonl, loss_curve.png")
-    p.add_argument("--image-column", dest="image_col", help="image column name (default: image)")
-    p.add_argument("--caption-column", dest="caption_col", help="caption column name (default: caption)")
+    p.add_argument("--image-column", help="image column name (default: image)")
+    p.add_argument("--caption-column", help="caption column name (default: caption)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, help="per-process batch size (default 64)")
@@ -323,8 +332,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wise-ft", type=float, help="WiSE-FT: mix initial and fine-tuned weights with this coefficient")
     p.add_argument("--reference-data", help="WiSE-FT: table from the starting model's domain, evaluated for the trade-off")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")
-    p.add_argument("--resume-ignore-config", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--resume-ignore-config", action="store_true", default=None,
+                   help="resume even though the config or the training data changed since the checkpoint")
+    p.add_argument("--val-templates", help="validation zero-shot: file with one prompt template per line, each "
+                   "containing {} (default: the library's templates)")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
 
@@ -401,11 +413,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Plain log lines to whatever `sys.stderr` is when a record comes (tests swap it between calls)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _configure_logging() -> logging.Logger:
+    """The library's log lines (the "clipkit" loggers, INFO and up) to stderr as plain messages, set up once."""
+    logger = logging.getLogger("clipkit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; returns the exit code (tests call this directly)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with logging_redirect_tqdm(loggers=[_configure_logging()]):  # log lines print above progress bars
+            return args.func(args)
     except (ClipkitError, FileNotFoundError, ValueError) as e:
         print(f"clipkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
     python examples/search_index.py --model my-model --images photos/ --out photos-index --query "a red apple" -k 5
 
-With a CSV, its `image` column (paths relative to the CSV) and `caption` column are read; every
-column is kept as index metadata and comes back with each hit.
+A folder is read with `read_folder` (captions optional), a CSV with `read_table` (`image` paths relative
+to the CSV, and `caption`); every column (`image`, `image_rel`, `caption`, ...) is kept as index
+metadata and comes back with each hit.
 """
 from __future__ import annotations
 
@@ -15,16 +16,13 @@ import numpy as np
 import pandas as pd
 
 from clipkit import Embedder
-from clipkit.data import IMAGE_EXTS, read_table
+from clipkit.data import read_folder, read_table
 from clipkit.search import SearchIndex
 
 
 def list_images(source: str) -> pd.DataFrame:
-    """A `path` column: every image under a folder (recursive), or the `image` column of a table."""
-    if Path(source).is_dir():
-        paths = sorted(p for p in Path(source).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
-        return pd.DataFrame({"path": [str(p) for p in paths]})
-    return read_table(source).rename(columns={"image": "path"})
+    """Every image under a folder (recursive, captioned or not), or every row of a table."""
+    return read_folder(source, keep_uncaptioned=True) if Path(source).is_dir() else read_table(source)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     embedder = Embedder(args.model)
     table = list_images(args.images)
-    vectors = embedder.images(table["path"].tolist(), on_error="nan")  # [N, D]; unreadable rows are NaN
+    vectors = embedder.images(table["image"].tolist(), on_error="nan")  # [N, D]; unreadable rows are NaN
     ok = ~np.isnan(vectors).any(axis=1)
     if not ok.all():
         print(f"skipped {int((~ok).sum())} unreadable images")
@@ -51,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scores, ids = index.search(embedder.texts([args.query]), k=args.k)  # [1, k] each
     print(f"top {args.k} for {args.query!r}:")
     for hit in index.results(scores, ids)[0]:
-        print(f"  {hit['score']:+.4f}  {hit['path']}")
+        print(f"  {hit['score']:+.4f}  {hit['image']}")
     return 0
 
 

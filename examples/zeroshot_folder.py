@@ -2,21 +2,21 @@
 
     python examples/zeroshot_folder.py --model my-model --images photos/ --classes "cat,dog,apple" --out labels.csv
 
-Each class is the mean embedding of its prompts ("a photo of a {}.", "an icon of {}.", ...); each
-image gets the class it is most similar to. `score` is that class's softmax probability.
+Each class is the mean embedding of its prompts (`DEFAULT_TEMPLATES`, "a photo of a {}." and "{}", or
+a `--templates` file such as the emoji dataset's templates.txt); each image gets the class it is most
+similar to. `score` is that class's softmax probability.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from clipkit import Embedder
-from clipkit.data import IMAGE_EXTS
-from clipkit.evaluate import DEFAULT_TEMPLATES, zero_shot_weights
+from clipkit.data import read_folder
+from clipkit.evaluate import DEFAULT_TEMPLATES, load_templates, zero_shot_weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,15 +24,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model", required=True, help="clipkit, Hugging Face CLIP or OpenCLIP model")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,apple"')
+    p.add_argument("--templates", help="file of prompt templates, one per line with {} for the class name")
     p.add_argument("--out", default="labels.csv")
     args = p.parse_args(argv)
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    paths = sorted(str(f) for f in Path(args.images).rglob("*") if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    paths = read_folder(args.images, keep_uncaptioned=True)["image"].tolist()  # every image, captions or not
     if not paths:
         raise SystemExit(f"{args.images}: no images found")
+    templates = load_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
     embedder = Embedder(args.model)
-    weights = zero_shot_weights(embedder.texts, classes, DEFAULT_TEMPLATES)  # [C, D]
+    weights = zero_shot_weights(embedder.texts, classes, templates)  # [C, D]
     images = embedder.images(paths, on_error="nan")  # [N, D]; an unreadable image is a NaN row
     scale = embedder.model.scales()[0].item()  # the model's own softmax temperature (100 for OpenAI CLIP)
     logits = scale * images @ weights.T  # [N, D] @ [D, C] -> [N, C]
@@ -42,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = np.isnan(images).any(axis=1)
     best = np.nan_to_num(probs, nan=-1.0).argmax(1)
     labels = pd.DataFrame({
-        "path": paths,
+        "image": paths,
         "label": np.where(failed, "", np.asarray(classes)[best]),
         "score": np.where(failed, np.nan, probs[np.arange(len(paths)), best]).round(4),
     })

@@ -1,8 +1,15 @@
 """Plain functions the tests share (test data builders); fixtures that use them live in conftest.py."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 HF_VOCAB = 300  # model vocab; the tokenizer below uses ids 0..257 (256 bytes, then SOT, EOT)
@@ -56,3 +63,10 @@ def random_image(seed: int, size: tuple[int, int] = (48, 40)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def run_script(code: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `code` (a plain program reading its inputs from sys.argv) in a fresh interpreter, text output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)

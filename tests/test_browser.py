@@ -82,7 +82,7 @@ def test_text_search_shows_thumbnails_and_inert_captions(page, site):
 
 def test_image_upload_search(page, site):
     page.goto(site.url + "/")
-    page.set_input_files("#file", site.data.rows[5]["path"])
+    page.set_input_files("#file", site.data.rows[5]["image"])
     _all_thumbs_loaded(page)
     first = page.locator("#results figure").first
     assert first.locator(".caption").text_content() == site.data.rows[5]["caption"]

@@ -32,6 +32,8 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["zeroshot/top1"] <= 1.0 and metrics["zeroshot/chance_top1"] > 0
+    templates = json.loads((out / "run" / "train_config.json").read_text())["val_templates"]
+    assert metrics["zeroshot/num_templates"] == len(templates) == 5 and "an emoji of {}." in templates  # the dataset's
     assert metrics["index/count"] > 0 and metrics["train/steps"] == 2
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "Zero-shot subcategory labelling" in page
@@ -60,3 +62,11 @@ def test_console_script_entry_point():
     assert proc.returncode == 0 and "tiny" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "clipkit.cli", "nosuchcommand"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_convert_from_names_the_source_format(tmp_path, hf_clip_dir, capsys):
+    """`--from` is checked against what the path holds (it used to be parsed and never read)."""
+    src = str(hf_clip_dir(257))
+    assert main(["convert", src, "--from", "open_clip", "--out", str(tmp_path / "a")]) == 2
+    assert "looks like a hf model, not open_clip" in capsys.readouterr().err
+    assert main(["convert", src, "--from", "hf", "--out", str(tmp_path / "b")]) == 0

@@ -64,7 +64,7 @@ def test_read_table_formats_with_renamed_columns(tmp_path: Path, ext: str) -> No
         df.to_parquet(path)
     else:
         df.to_json(path, orient="records", lines=True)
-    out = read_table(path, image_col="file", caption_col="text")
+    out = read_table(path, image_column="file", caption_column="text")
     assert list(out.columns) == ["image", "caption", "image_rel", "label"]
     assert out["caption"].tolist() == ["a red", "a green", "a blue"]
     assert out["image"].tolist() == [str(tmp_path / "img" / f"{i}.png") for i in range(3)]
@@ -182,7 +182,7 @@ def test_read_pairs_dispatch(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("x")
     assert len(read_pairs(tmp_path)) == 1
-    assert len(read_pairs(_csv(tmp_path / "t.csv", "path,text\na.png,x\n"), image_col="path", caption_col="text")) == 1
+    assert len(read_pairs(_csv(tmp_path / "t.csv", "path,text\na.png,x\n"), image_column="path", caption_column="text")) == 1
     with pytest.raises(DataError, match="TarShardDataset"):
         read_pairs(tmp_path / "shard-{000..001}.tar")
     with pytest.raises(DataError, match="unsupported table type"):
@@ -254,6 +254,18 @@ def test_collate_all_skipped_and_seeded_order(tmp_path: Path) -> None:
     ds = PairDataset(_bad_table(tmp_path, 8, {}), PRE, TOK)
     order = [[b["index"].tolist() for b in make_loader(ds, 3, shuffle=True, seed=s)] for s in (7, 7, 8)]
     assert order[0] == order[1] != order[2]
+
+
+def test_make_loader_takes_a_sampler_or_batch_sampler_and_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    ds = PairDataset(_bad_table(tmp_path, 8, {}), PRE, TOK)
+    batches = [[5, 1], [7, 0, 2]]
+    assert [b["index"].tolist() for b in make_loader(ds, batch_sampler=batches, num_workers=1)] == batches
+    by_sampler = make_loader(ds, 3, sampler=[6, 4, 2, 0, 1], drop_last=True, pin_memory=False)
+    before = torch.get_rng_state()
+    assert [b["index"].tolist() for b in by_sampler] == [[6, 4, 2]]
+    assert torch.equal(torch.get_rng_state(), before)  # workers are seeded from the loader's own generator
+    decoded = make_loader(ds, 4, collate_fn=list)
+    assert [len(b) for b in decoded] == [4, 4] and "pixels" in next(iter(decoded))[0]
 
 
 # ------------------------------------------------------------------------------------------ tar shards

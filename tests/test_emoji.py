@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clipkit.data.datasets import BUILTIN, build_emoji_dataset
+from clipkit.data.datasets import build_emoji_dataset
 from clipkit.data.datasets import emoji as emoji_mod
 from clipkit.errors import ClipkitError
 
@@ -37,10 +38,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, emoji_mod.Emo
     return out, _build(out, styles=("openmoji",))
 
 
-def test_registry() -> None:
-    assert BUILTIN["emoji"] is build_emoji_dataset
-
-
 def test_columns_counts_and_korean(built) -> None:
     out, summary = built
     tables = _read(out)
@@ -56,6 +53,15 @@ def test_columns_counts_and_korean(built) -> None:
     assert "a grinning face emoji" in set(train["caption"]) | set(tables["val"]["caption"]) | set(
         tables["test"]["caption"])
     assert (out / "dataset.json").is_file()
+
+
+def test_zero_shot_templates_are_shipped_with_the_dataset(built) -> None:
+    from clipkit.evaluate.zeroshot import DEFAULT_TEMPLATES, load_templates
+
+    out, _ = built
+    info = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert load_templates(out / info["templates"]) == emoji_mod.TEMPLATES
+    assert "an emoji of {}." in emoji_mod.TEMPLATES and emoji_mod.TEMPLATES != DEFAULT_TEMPLATES
 
 
 def test_images_resolve_and_are_not_blank(built) -> None:

@@ -320,3 +320,43 @@ def test_identical_captions_of_different_images_are_not_wrong_answers():
     m = eval_retrieval(_TwinStyles(), table).metrics
     assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
     assert m["num_texts"] == 2 and m["duplicate_captions"] == 2
+
+
+def _class_folder(root: Path, per_class: int = 3) -> Path:
+    """A standard class-folder dataset: one sub-folder per class, images only, no caption files."""
+    for c, label in enumerate(("cat", "dog")):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            random_image(10 * c + i, (32, 32)).save(root / label / f"{i}.png")
+    random_image(99, (32, 32)).save(root / "loose.png")  # outside every class folder: unlabelled
+    return root
+
+
+def test_cli_zeroshot_and_linear_probe_on_an_uncaptioned_class_folder(saved_tiny_dir, tmp_path, capsys):
+    """Regression: read_folder dropped every uncaptioned image, then zero-shot failed with "lacks column label"."""
+    from clipkit.cli import main
+
+    data = _class_folder(tmp_path / "classes")
+    assert main(["eval", "zeroshot", "--model", str(saved_tiny_dir), "--data", str(data),
+                 "--json", str(tmp_path / "zs.json")]) == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "zs.json").read_text())["metrics"]
+    assert (m["num_samples"], m["num_classes"], m["chance_top1"], m["unlabelled_rows"]) == (6, 2, 0.5, 1)
+    assert main(["eval", "linear-probe", "--model", str(saved_tiny_dir), "--data", str(data), "--train", str(data),
+                 "--json", str(tmp_path / "lp.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "lp.json").read_text())["metrics"]["num_train"] == 6
+    assert main(["eval", "retrieval", "--model", str(saved_tiny_dir), "--data", str(data)]) == 2  # needs captions
+    assert "caption" in capsys.readouterr().err
+
+
+def test_run_eval_argument_errors_name_no_cli_flags(saved_tiny_dir, tmp_path, capsys):
+    from clipkit.cli import main
+    from clipkit.evaluate.runners import run_eval
+
+    data = _class_folder(tmp_path / "classes")
+    with pytest.raises(ValueError, match="train= table") as e:
+        run_eval("linear-probe", saved_tiny_dir, data)
+    assert "--" not in str(e.value)
+    with pytest.raises(ValueError, match="no plot"):  # used to print "wrote PLOT" and write nothing
+        run_eval("zeroshot", saved_tiny_dir, data, plot=tmp_path / "zs.png")
+    assert main(["eval", "linear-probe", "--model", str(saved_tiny_dir), "--data", str(data)]) == 2
+    assert "--train TABLE" in capsys.readouterr().err

@@ -127,11 +127,13 @@ def test_search_index(shapes, tiny_model, tmp_path, capsys, source: str) -> None
 def test_zeroshot_folder(shapes, tiny_model, tmp_path) -> None:
     out = tmp_path / "labels.csv"
     classes = ["circle", "square", "triangle"]
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# shapes\na drawing of a {}\n{}\n", encoding="utf-8")
     assert run_example("zeroshot_folder", "--model", tiny_model, "--images", shapes / "images",
-                       "--classes", ",".join(classes), "--out", out) == 0
+                       "--classes", ",".join(classes), "--templates", templates, "--out", out) == 0
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["path"] for r in rows) == [str(p) for p in image_files(shapes)]
+    assert sorted(r["image"] for r in rows) == [str(p) for p in image_files(shapes)]
     assert all(r["label"] in classes and 1 / 3 <= float(r["score"]) <= 1 for r in rows)
 
 

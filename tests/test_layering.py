@@ -16,10 +16,10 @@ MODULES = {  # inside each subpackage, the same rule over its modules
     "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("auto",)],
     "data": [("tables",), ("samples",), ("shards", "cache", "datasets")],
     "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],
-    "search": [("io",), ("index",), ("collection",)],
+    "search": [("io", "exact"), ("build",), ("index",), ("collection",)],
     "report": [("page", "plots")],
-    "train": [("losses", "runstate"), ("trainer",)],
-    "app": [("report_sections",), ("demo", "service")],
+    "train": [("config", "losses"), ("runstate", "setup"), ("validation",), ("trainer",)],
+    "app": [("demo", "service")],
 }
 
 

@@ -178,3 +178,44 @@ def test_unknown_preset_lists_presets() -> None:
         clipkit.create_model("ViT-Z-99")
     for name in clipkit.list_presets():
         assert name in str(e.value)
+
+
+@pytest.mark.parametrize("tower", ["vit_tiny_patch16_224", "resnet18"])
+def test_image_tower_override_takes_its_own_preprocessing(tower) -> None:
+    """A preset's 64 px preprocessing must not stay with a tower that wants 224 px (it failed on its own input)."""
+    import timm
+
+    model, tok = clipkit.create_model_and_tokenizer("tiny", image_tower=tower)
+    want = timm.get_pretrained_cfg(tower)
+    pre = model.config.preprocess
+    assert pre.image_size == want.input_size[-1] == 224
+    assert pre.mean == tuple(want.mean) and pre.std == tuple(want.std)
+    x = clipkit.Preprocess(pre)(_blank(pre.image_size))
+    with torch.no_grad():
+        assert model.encode_image(x[None]).shape == (1, model.embed_dim)
+    assert clipkit.create_model("tiny", image_tower=tower, image_size=96).config.preprocess.image_size == 96
+
+
+def _blank(size: int):
+    from PIL import Image
+
+    return Image.new("RGB", (size + 7, size), (120, 30, 200))
+
+
+def test_missing_openai_bpe_is_an_error_not_a_byte_level_stand_in(monkeypatch) -> None:
+    """Without open_clip's BPE file, an OpenAI-vocabulary text tower used to get a 259-token byte-level
+    tokenizer and only a warning: garbage text embeddings. It must be an error that says what to install."""
+    import sys
+
+    from clipkit.errors import ClipkitError
+    from clipkit.model import tokenizer as tokmod
+    from clipkit.model.factory import get_tokenizer
+
+    tokmod._openai_bpe.cache_clear()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "open_clip", None)
+        m.setitem(sys.modules, "open_clip.tokenizer", None)
+        with pytest.raises(ClipkitError, match="pip install open_clip_torch"):
+            get_tokenizer("ViT-B-32")
+    tokmod._openai_bpe.cache_clear()
+    assert get_tokenizer("ViT-B-32").vocab_size == 49408  # with the package back, the real BPE

@@ -178,7 +178,7 @@ def test_r_precision_from_embeddings_exact() -> None:
     img = np.stack([prompts[0], prompts[2], np.array([s, 0, s, 0], np.float32), np.full(4, np.nan, np.float32)])
     # R=4 draws every other prompt: row 0 hit, row 1 miss, row 2 tie (pessimistic: miss), row 3 failed
     out = r_precision_from_embeddings(img, prompts, [0, 1, 2, 3], R=4, seed=0)
-    assert out == {"r_precision": pytest.approx(1 / 3), "R": 4, "chance": 0.25, "n": 3, "n_failed": 1}
+    assert out == {"r_precision": pytest.approx(1 / 3), "R": 4, "chance_r_precision": 0.25, "n": 3, "n_failed": 1}
 
 
 def test_distractors_are_distinct_other_prompts_and_seeded() -> None:
@@ -205,7 +205,7 @@ def test_r_precision_api_with_aligned_stub_and_real_model(embedder: Embedder, fi
     texts = {p: rng.normal(size=8) for p in PROMPTS}
     stub = StubEmbedder(texts, {f"img{i}": texts[p] + 0.1 * rng.normal(size=8) for i, p in enumerate(PROMPTS)})
     out = r_precision(stub, PROMPTS + ["a red square"], [f"img{i}" for i in range(6)] + ["gone"], R=4)
-    assert out["r_precision"] == 1.0 and out["chance"] == 0.25 and out["n"] == 6 and out["n_failed"] == 1
+    assert out["r_precision"] == 1.0 and out["chance_r_precision"] == 0.25 and out["n"] == 6 and out["n_failed"] == 1
     assert stub.seen == [PROMPTS]  # distinct prompts embedded once
     imgs = files["good"] + [files["corrupt"]]
     real = r_precision(embedder, PROMPTS + ["x"], imgs, num_distractors=3, seed=1)
@@ -266,7 +266,7 @@ def test_rerank_table_groups_by_prompt_and_matches_rerank(embedder: Embedder, fi
         np.testing.assert_allclose([r.score for r in ranked], [r.score for r in alone], atol=1e-5)
     assert out["a blue triangle"][-1].image == files["corrupt"] and out["a blue triangle"][-1].error
     with pytest.raises(ValueError, match="available"):
-        rerank_table(embedder, table, prompt_col="caption")
+        rerank_table(embedder, table, prompt_column="caption")
 
 
 # --- contact sheet -----------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_score_table_with_references_matches_the_api(embedder: Embedder, files: 
     from clipkit.evaluate.runners import score_table
 
     out = tmp_path / "scores.json"
-    summary = score_table(embedder, _pairs_csv(tmp_path, files), reference_col="refs", json_out=out)
+    summary = score_table(embedder, _pairs_csv(tmp_path, files), reference_column="refs", json_out=out)
     images = [str(p) for p in (*files["good"][:3], files["corrupt"])]
     prompts = ["a red square", "a red square", "a blue circle", "a blue circle"]
     want = ref_clip_score(embedder, prompts, images, [["a red box", "a scarlet square"], ["a red box"], ["a blue ball"], ["a blue ball"]])
@@ -311,6 +311,15 @@ def test_score_table_with_references_matches_the_api(embedder: Embedder, files: 
     assert [r["refclipscore"] for r in rows[:3]] == pytest.approx(want[:3].tolist(), abs=1e-6)
     assert rows[3]["clipscore"] is None and rows[3]["refclipscore"] is None  # the corrupt image, in its own row
     assert summary["n_failed"] == 1 and summary["refclipscore_mean"] == pytest.approx(float(np.nanmean(want)), abs=1e-6)
+
+
+def test_score_table_r_precision_keys_sit_beside_their_chance(embedder: Embedder, files: dict, tmp_path: Path) -> None:
+    from clipkit.evaluate.runners import score_table
+
+    summary = score_table(embedder, _pairs_csv(tmp_path, files), r_precision_r=2)
+    assert summary["chance_r_precision"] == 0.5 and summary["r_precision_R"] == 2
+    assert (summary["r_precision_n"], summary["r_precision_n_failed"]) == (3, 1)
+    assert 0 <= summary["r_precision"] <= 1 and not any(k.endswith("_chance") for k in summary)
 
 
 def test_rerank_pairs_ranks_each_prompt_and_writes_sheets(embedder: Embedder, files: dict, tmp_path: Path) -> None:

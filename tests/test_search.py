@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,18 +12,13 @@ import pandas as pd
 import pytest
 
 from clipkit.errors import IndexLoadError
-from clipkit.search.index import (
-    EXACT_FILTER_MAX,
-    SearchIndex,
-    choose_factory,
-    exact_search,
-    recall_at_k,
-    resolve_factory,
-)
+from helpers import run_script
+from clipkit.search.build import choose_factory, resolve_factory
+from clipkit.search.exact import drop_self, exact_search, exact_search_blocks, recall_at_k
+from clipkit.search.index import EXACT_FILTER_MAX, SearchIndex
 
 N, D = 20_000, 64
 KINDS = ["flat", "hnsw", "ivf", "ivfpq", "auto", "IVF64,SQ8", "PCA32,IVF64,Flat"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,11 +81,11 @@ def test_choose_factory_rule(n, d, budget, want):
 
 
 def test_auto_budget_defaults_to_half_of_memory(monkeypatch):
-    import clipkit.search.index as search
+    import clipkit.search.build as build
 
-    monkeypatch.setattr(search, "default_memory_budget", lambda: 2_000_000 * 100)
+    monkeypatch.setattr(build, "default_memory_budget", lambda: 2_000_000 * 100)
     assert choose_factory(2_000_000, 512) == "IVF5656,PQ128x4fsr"
-    monkeypatch.setattr(search, "default_memory_budget", lambda: 1 << 40)
+    monkeypatch.setattr(build, "default_memory_budget", lambda: 1 << 40)
     assert choose_factory(2_000_000, 512) == "IVF5656,Flat"
 
 
@@ -165,6 +156,22 @@ def test_exact_search_and_recall_helpers():
     assert ids[:, 0].tolist() == list(range(5)) and (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
     assert recall_at_k(ids, ids, 5) == 1.0
     assert recall_at_k(np.array([[0, 9, -1]]), np.array([[0, 1, 2]]), 3) == pytest.approx(1 / 3)
+    assert drop_self(np.array([[4, 2, 7], [1, 3, 5]]), np.array([2, 9]), 2).tolist() == [[4, 7], [1, 3]]
+
+
+def test_exact_search_over_blocks_equals_one_search():
+    """Blocks smaller than k, an empty block and the blocks' own ids: the same top-k as one exact search."""
+    x = unit(np.random.default_rng(6).standard_normal((300, 8)))
+    q = unit(np.random.default_rng(7).standard_normal((5, 8)))
+    ids = np.arange(300) * 10 + 3  # ids that are not positions
+    cuts = [0, 3, 3, 120, 300]
+    blocks = [(x[lo:hi], ids[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+    scores, found = exact_search_blocks(iter(blocks), q, 12)
+    want_scores, want_pos = exact_search(x, q, 12)
+    np.testing.assert_array_equal(found, ids[want_pos])
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    scores, found = exact_search_blocks(blocks[:2], q, 5)  # only 3 rows: padded with -1 / -inf
+    assert (found[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and set(found[0, :3]) == {3, 13, 23}
 
 
 def test_per_call_parameters_do_not_leak_between_threads(built, data):
@@ -443,29 +450,31 @@ def test_missing_pieces(copy, tmp_path):
         SearchIndex.load(copy)
 
 
+CORRUPT_LOADS = """
+import shutil, sys
+import numpy as np
+from clipkit.errors import IndexLoadError
+from clipkit.search import SearchIndex
+saved, work = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+good = open(saved + "/index.faiss", "rb").read()
+cases = {"truncated": good[:-17], "header": rng.bytes(16) + good[16:], "random": rng.bytes(4096),
+         "empty": b"", "ids": good[:-40] + rng.bytes(40)}
+for name, blob in cases.items():
+    d = shutil.copytree(saved, work + "/" + name)
+    open(d + "/index.faiss", "wb").write(blob)
+    for verify in (True, False):
+        try:
+            SearchIndex.load(d, verify=verify)
+            print(name, verify, "loaded")
+        except IndexLoadError as e:
+            print(name, verify, "refused", e)
+"""
+
+
 def test_corrupt_loads_in_subprocess_never_crash(saved, tmp_path):
     """FAISS deserialisation runs in a child process, so a crash would fail the test, not the run."""
-    script = textwrap.dedent(f"""
-        import shutil, sys
-        import numpy as np
-        from clipkit.errors import IndexLoadError
-        from clipkit.search import SearchIndex
-        rng = np.random.default_rng(0)
-        good = open({str(saved / "index.faiss")!r}, "rb").read()
-        cases = {{"truncated": good[:-17], "header": rng.bytes(16) + good[16:], "random": rng.bytes(4096),
-                  "empty": b"", "ids": good[:-40] + rng.bytes(40)}}
-        for name, blob in cases.items():
-            d = shutil.copytree({str(saved)!r}, {str(tmp_path)!r} + "/" + name)
-            open(d + "/index.faiss", "wb").write(blob)
-            for verify in (True, False):
-                try:
-                    SearchIndex.load(d, verify=verify)
-                    print(name, verify, "loaded")
-                except IndexLoadError as e:
-                    print(name, verify, "refused", e)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    out = run_script(CORRUPT_LOADS, saved, tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 10 and all(" True refused" in ln for ln in lines if " True " in ln)
@@ -491,23 +500,25 @@ def test_failed_save_keeps_previous_index(copy, monkeypatch):
     assert sorted(p.name for p in copy.parent.iterdir()) == ["idx"]  # no temp directory left behind
 
 
+DYING_SAVE = """
+import os, signal, sys
+import faiss, numpy as np
+from clipkit.search import SearchIndex
+ix = SearchIndex.load(sys.argv[1], mmap=False)
+ix.add(np.ones((1, 16), np.float32))
+blob = faiss.serialize_index(ix.index).tobytes()
+def dying_write(index, path):
+    open(path, "wb").write(blob[:1000])
+    print("writing index", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+faiss.write_index = dying_write
+ix.save(sys.argv[1])
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_during_index_write_keeps_previous_index(copy):
-    script = textwrap.dedent(f"""
-        import os, signal, faiss, numpy as np
-        from clipkit.search import SearchIndex
-        ix = SearchIndex.load({str(copy)!r}, mmap=False)
-        ix.add(np.ones((1, 16), np.float32))
-        blob = faiss.serialize_index(ix.index).tobytes()
-        def dying_write(index, path):
-            open(path, "wb").write(blob[:1000])
-            print("writing index", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        faiss.write_index = dying_write
-        ix.save({str(copy)!r})
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    out = run_script(DYING_SAVE, copy, timeout=120)
     assert out.returncode == -9 and "writing index" in out.stdout, out.stderr
     back = SearchIndex.load(copy)
     assert back.index.ntotal == 1000 and len(back.metadata) == 1000

@@ -105,8 +105,8 @@ def test_search_image_json_is_the_service_shape(built, table, capsys):
     assert main(search(built, "--image", str(table.parent / "p2.png"), "-k", "4", "--json")) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 4 and results[0]["id"] == 2 and results[0]["score"] > 0.999
-    assert set(results[0]) >= {"id", "score", "path", "path_rel", "caption", "style"}
-    assert results[0]["path"] == str(table.parent / "p2.png") and 8 not in [r["id"] for r in results]
+    assert set(results[0]) >= {"id", "score", "image", "image_rel", "caption", "style"} and "path" not in results[0]
+    assert results[0]["image"] == str(table.parent / "p2.png") and results[0]["image_rel"] == "p2.png" and 8 not in [r["id"] for r in results]
 
 
 def test_search_filter_rerank_mmr(built, capsys):
@@ -170,5 +170,7 @@ def test_serve_hands_its_arguments_to_the_service(monkeypatch):
     monkeypatch.setenv("CLIPKIT_API_KEY", "from-env")
     assert main(["serve", "--index", "i", "--model", "m", "--port", "0"]) == 0
     assert main(["serve", "--index", "i", "--model", "m", "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    for _, kw in calls:
+        assert callable(kw.pop("on_ready"))  # the CLI prints the URL; the library does not
     assert calls == [(("i", "m"), {"host": "127.0.0.1", "port": 0, "api_key": "from-env"}),
                      (("i", "m"), {"host": "0.0.0.0", "port": 8000, "api_key": "k"})]

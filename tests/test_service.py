@@ -35,7 +35,8 @@ XSS = "<img src=x onerror=alert(1)>"
 BODY_CAP = 512 * 1024
 TIMEOUT_S = 2.0
 SERVE = ("import json, sys\nfrom clipkit.app.service import run_server\n"
-         "run_server(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))")
+         "run_server(sys.argv[1], sys.argv[2], on_ready=lambda url: print('listening on', url, flush=True),\n"
+         "           **json.loads(sys.argv[3]))")
 SERVER_OPTIONS = dict(host="127.0.0.1", port=0, api_key=KEY, max_upload_bytes=BODY_CAP, body_timeout=TIMEOUT_S,
                       header_timeout=TIMEOUT_S, timeout_keep_alive=TIMEOUT_S)
 LEAKS = ("Traceback", "/tmp/", "/work/", "/home/", "/usr/", "site-packages", " object at 0x", "File \"")
@@ -44,7 +45,7 @@ LEAKS = ("Traceback", "/tmp/", "/work/", "/home/", "/usr/", "site-packages", " o
 # ---------------------------------------------------------------- building blocks (also used by test_browser)
 
 def build_data(root: Path, model_dir: Path, n: int = 30) -> SimpleNamespace:
-    """n PNGs and a saved index of them (metadata: path, caption, style) for the saved model `model_dir`."""
+    """n PNGs and a saved index of them (metadata: image, caption, style) for the saved model `model_dir`."""
     (root / "images").mkdir()
     rng, rows = np.random.default_rng(0), []
     for i in range(n):
@@ -53,9 +54,9 @@ def build_data(root: Path, model_dir: Path, n: int = 30) -> SimpleNamespace:
         pixels = np.clip(base + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(path)
         caption = XSS if i == 3 else ("javascript:alert(1)" if i == 4 else f"picture number {i}")
-        rows.append({"path": str(path), "caption": caption, "style": "emoji" if i % 2 else "photo"})
+        rows.append({"image": str(path), "caption": caption, "style": "emoji" if i % 2 else "photo"})
     embedder = clipkit.Embedder(model_dir, progress=False)
-    index = SearchIndex.build(embedder.images([r["path"] for r in rows]), pd.DataFrame(rows), kind="flat")
+    index = SearchIndex.build(embedder.images([r["image"] for r in rows]), pd.DataFrame(rows), kind="flat")
     index.save(root / "index")
     return SimpleNamespace(root=root, model_dir=model_dir, index_dir=root / "index", rows=rows,
                            embedder=embedder, index=SearchIndex.load(root / "index"))
@@ -159,7 +160,7 @@ def expected(data: SimpleNamespace, vector: np.ndarray, k: int, **filters) -> li
 def assert_same_results(got: list[dict], want: list[dict]) -> None:
     assert [r["id"] for r in got] == [r["id"] for r in want]
     assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=1e-5)
-    assert all(r.keys() == {"id", "score", "path", "caption", "style"} for r in got)
+    assert all(r.keys() == {"id", "score", "image", "caption", "style"} for r in got)
     assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
 
 
@@ -201,12 +202,12 @@ def test_text_search_filters(client, data):
 
 
 def test_image_search_matches_index(client, data):
-    png = Path(data.rows[5]["path"]).read_bytes()
+    png = Path(data.rows[5]["image"]).read_bytes()
     r = client.post("/search", files={"file": ("q.png", png, "image/png")}, data={"k": "5"})
     assert r.status_code == 200
     got = r.json()["results"]
     assert got[0]["id"] == 5 and got[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert_same_results(got, expected(data, data.embedder.images([data.rows[5]["path"]]), 5))
+    assert_same_results(got, expected(data, data.embedder.images([data.rows[5]["image"]]), 5))
 
 
 def test_image_search_16bit_png(client):
@@ -342,9 +343,10 @@ def test_url_and_path_fields_are_ignored(client, data):
     trap = socket.create_server(("127.0.0.1", 0))
     trap.settimeout(0.5)
     lure = f"http://127.0.0.1:{trap.getsockname()[1]}/"
-    png = Path(data.rows[2]["path"]).read_bytes()
+    png = Path(data.rows[2]["image"]).read_bytes()
     plain = client.post("/search", files={"file": ("a.png", png, "image/png")}).json()
-    fields = {"image_url": lure, "url": "file:///etc/passwd", "path": "/etc/passwd", "k": "10"}
+    fields = {"image_url": lure, "url": "file:///etc/passwd", "path": "/etc/passwd", "image": "/etc/passwd",
+              "k": "10"}
     lured = client.post("/search", files={"file": ("a.png", png, "image/png")}, data=fields)
     assert lured.status_code == 200 and lured.json() == plain
     assert_error(client.post("/search", files={"other": ("a.txt", b"x")}, data=fields), 400)
@@ -506,6 +508,23 @@ def test_internal_errors_are_opaque(app, monkeypatch):
     monkeypatch.setattr(app.state.service.index, "search", boom)
     (r,) = _gather(app, [("GET", "/search?q=x", {})])
     assert assert_error(r, 500) == {"error": "internal server error"} and "secret" not in r.text
+
+
+def test_thumbnails_come_from_the_image_column_only(data, tmp_path, caplog):
+    """Thumbnails are read from `image`; an index naming the column otherwise (older clipkit: `path`)
+    serves none and says so at start-up, while its search results still carry that column."""
+    from clipkit.app.service import create_app
+
+    legacy = data.index.metadata.rename(columns={"image": "path"})
+    SearchIndex(data.index.index, legacy, data.index.factory, vectors=np.asarray(data.index.vectors)
+                ).save(tmp_path / "legacy")
+    assert _gather(create_app(data.index_dir, data.model_dir), [("GET", "/thumb/7", {})])[0].status_code == 200
+    with caplog.at_level("WARNING", logger="clipkit.app.service"):
+        app = create_app(tmp_path / "legacy", data.model_dir)
+    assert "no 'image' metadata column" in caplog.text
+    thumb, hits = _gather(app, [("GET", "/thumb/7", {}), ("GET", "/search?q=picture&k=3", {})])
+    assert_error(thumb, 404)
+    assert [set(h) for h in hits.json()["results"]] == [{"id", "score", "path", "caption", "style"}] * 3
 
 
 # ---------------------------------------------------------------- 28 via the service: never serve half-loaded

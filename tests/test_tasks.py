@@ -38,4 +38,4 @@ def test_accuracy_counts_the_target_at_rank_one(tmp_path):
     perfect = [[s.candidates[s.target]] + [c for i, c in enumerate(s.candidates) if i != s.target] for s in sets]
     wrong = [[c for i, c in enumerate(s.candidates) if i != s.target] + [s.candidates[s.target]] for s in sets]
     assert best_of_n_accuracy(perfect, sets)["best_of_n_top1"] == 1.0
-    assert best_of_n_accuracy(wrong, sets) == {"best_of_n_top1": 0.0, "n_candidates": 4, "chance": 0.25, "num_prompts": 4}
+    assert best_of_n_accuracy(wrong, sets) == {"best_of_n_top1": 0.0, "n_candidates": 4, "chance_best_of_n_top1": 0.25, "num_prompts": 4}

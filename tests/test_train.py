@@ -1,7 +1,10 @@
 """Trainer: outputs, exact resume after SIGKILL (also inside a save), config checks, bad data, gradient cache."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,9 +18,41 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import clipkit
-from clipkit.errors import DataError
+from clipkit.errors import CheckpointError, DataError
+from clipkit.model import config as model_config
 from clipkit.model.factory import resolve_config
 from clipkit.train import TrainConfig, Trainer, TrainingError
+
+CRASHING_RUN = '''"""Train the run of a JSON TrainConfig, SIGKILLing this process after step N or inside the save of step N."""
+import json
+import os
+import signal
+import sys
+
+from clipkit.train import TrainConfig, train
+
+config, where, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(step):
+    if where == "step" and step == at:
+        kill()
+
+
+def in_save(tmp, step):
+    if where == "save" and step == at:
+        state = tmp / "train_state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a half-written file
+        kill()
+
+
+with open(config, encoding="utf-8") as f:
+    train(TrainConfig(**json.load(f)), on_step=after_step, on_save=in_save)
+'''
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -80,13 +115,21 @@ def _cli_train_args(cfg: TrainConfig, resume: bool = False) -> list[str]:
             "--output", cfg.output, "--batch-size", str(cfg.batch_size), "--max-steps", str(cfg.max_steps),
             "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps), "--seed", str(cfg.seed),
             "--checkpoint-every", str(cfg.checkpoint_every), "--keep-checkpoints", str(cfg.keep_checkpoints),
-            "--log-every", "1", "--no-progress"]
+            "--log-every", "1", "--quiet"]
     return args + (["--resume"] if resume else [])
 
 
-def _cli_train(cfg: TrainConfig, env: dict[str, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
-    """Train in a fresh process, as a user (and a crash) would."""
-    return subprocess.run(_cli_train_args(cfg, resume), env={**os.environ, **(env or {})}, capture_output=True,
+def _cli_train(cfg: TrainConfig, resume: bool = False) -> subprocess.CompletedProcess:
+    """Train in a fresh process, as a user would."""
+    return subprocess.run(_cli_train_args(cfg, resume), capture_output=True, text=True, timeout=300)
+
+
+def _crash(cfg: TrainConfig, where: str, step: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Train `cfg` in a fresh process that SIGKILLs itself after `step` (where="step") or inside its save ("save")."""
+    program, config = tmp_path / "crashing_run.py", tmp_path / "crashing_run.json"
+    program.write_text(CRASHING_RUN)
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    return subprocess.run([sys.executable, str(program), str(config), where, str(step)], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -100,6 +143,7 @@ def reference(pairs, micro_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     proc = _cli_train(_cfg(pairs, micro_model, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "saved step 6 to" in proc.stderr and "trained 9 steps" in proc.stdout  # the CLI shows the log lines
     return out
 
 
@@ -125,11 +169,11 @@ def test_loss_goes_down(pairs, micro_model, tmp_path):
 
 def test_sigkill_then_resume_is_bitwise_equal(pairs, micro_model, reference, tmp_path):
     cfg = _cfg(pairs, micro_model, tmp_path / "run")
-    crashed = _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"})
+    crashed = _crash(cfg, "step", 7, tmp_path)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     resumed = _cli_train(cfg, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step 6" in resumed.stdout
+    assert "resumed from step 6" in resumed.stderr
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
     ref_state = torch.load(reference / "checkpoints/step_00000009/train_state.pt", weights_only=True)
     state = torch.load(tmp_path / "run/checkpoints/step_00000009/train_state.pt", weights_only=True)
@@ -139,24 +183,24 @@ def test_sigkill_then_resume_is_bitwise_equal(pairs, micro_model, reference, tmp
 
 def test_sigkill_inside_a_save_keeps_previous_checkpoint(pairs, micro_model, reference, tmp_path):
     cfg = _cfg(pairs, micro_model, tmp_path / "run")
-    crashed = _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_IN_SAVE": "6"})
-    assert crashed.returncode == -signal.SIGKILL
+    crashed = _crash(cfg, "save", 6, tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     ckpts = tmp_path / "run" / "checkpoints"
     assert [p.name for p in ckpts.iterdir() if p.name.startswith("step_")] == ["step_00000003"]
     assert any(p.name.endswith(".tmp") for p in ckpts.iterdir()), "the half-written save should be a temp dir"
     resumed = _cli_train(cfg, resume=True)
-    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr
     assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
 
 def test_corrupt_newest_checkpoint_is_skipped(pairs, micro_model, reference, tmp_path):
     cfg = _cfg(pairs, micro_model, tmp_path / "run", keep_checkpoints=3)
-    assert _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode == -signal.SIGKILL
+    assert _crash(cfg, "step", 7, tmp_path).returncode == -signal.SIGKILL
     weights = tmp_path / "run/checkpoints/step_00000006/model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     resumed = _cli_train(cfg, resume=True)
-    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr
     assert "skipping unreadable/unchecked checkpoint step_00000006" in resumed.stderr
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
@@ -164,21 +208,22 @@ def test_corrupt_newest_checkpoint_is_skipped(pairs, micro_model, reference, tmp
 def test_negative_control_resume_without_scheduler_diverges(pairs, micro_model, reference, tmp_path):
     """Proves the equality checks above can fail: a resume that skips one piece of state diverges."""
     cfg = _cfg(pairs, micro_model, tmp_path / "run")
-    assert _cli_train(cfg, env={"CLIPKIT_TEST_CRASH_AT_STEP": "7"}).returncode < 0
+    assert _crash(cfg, "step", 7, tmp_path).returncode == -signal.SIGKILL
     skip_scheduler = ("import sys, torch\n"
                       "torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None\n"
                       "from clipkit.cli import main\nsys.exit(main(sys.argv[1:]))")
     args = _cli_train_args(cfg, resume=True)
     proc = subprocess.run([sys.executable, "-c", skip_scheduler, *args[3:]], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "resumed from step 6" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "resumed from step 6" in proc.stderr, proc.stderr[-2000:]
     with pytest.raises(AssertionError, match="tensors differ"):
         _assert_same(_weights(reference), _weights(tmp_path / "run"))
 
 
 def test_resume_with_changed_config_is_refused(pairs, micro_model, tmp_path):
     Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3)).fit()
-    with pytest.raises(TrainingError, match=r"lr: 0.001 -> 0.002"):
+    with pytest.raises(TrainingError, match=r"lr: 0.001 -> 0.002") as refused:
         Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True))
+    assert "resume_ignore_config=True" in str(refused.value) and "--" not in str(refused.value)  # no CLI flags
     Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True, resume_ignore_config=True))
 
 
@@ -198,15 +243,16 @@ def test_nonfinite_losses_stop_the_run_and_no_bad_checkpoint_is_written(pairs, m
         assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
 
 
-def test_corrupt_and_missing_images_are_skipped_and_reported(pairs, micro_model, tmp_path, capsys):
+def test_corrupt_and_missing_images_are_skipped_and_reported(pairs, micro_model, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(pairs.parent, data)
     (data / "red_circle_0.png").write_bytes((data / "red_circle_0.png").read_bytes()[:60])
     (data / "blue_square_1.png").unlink()
-    summary = Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run", max_steps=3, max_bad_fraction=0.2)).fit()
+    with caplog.at_level(logging.WARNING, logger="clipkit.train"):
+        summary = Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run", max_steps=3, max_bad_fraction=0.2)).fit()
     assert summary["skipped"]["skipped"] == 2
     assert summary["skipped"]["by_reason"] == {"decode_error": 1, "missing": 1}
-    assert "skipped 2 of 24 images" in capsys.readouterr().out
+    assert any("skipped 2 of 24 images" in r.getMessage() for r in caplog.records if r.name == "clipkit.train")
     with pytest.raises(DataError, match="too much bad data"):
         Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run2", max_steps=3, max_bad_fraction=0.05))
 
@@ -247,7 +293,7 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(pairs, micro_mod
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "clipkit.cli",
            "train", "--train-data", str(pairs), "--model", str(micro_model), "--output", str(tmp_path / "two"),
            "--batch-size", "4", "--max-steps", "3", "--lr", "0.001", "--warmup-steps", "2", "--seed", "3",
-           "--checkpoint-every", "100", "--no-progress"]
+           "--checkpoint-every", "100", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -263,3 +309,46 @@ def test_without_the_image_cache_bad_images_are_counted_per_batch(pairs, micro_m
                            cache_images=False, max_bad_fraction=0.5)).fit()  # 3 batches of 8 = one epoch of 24
     assert summary["skipped"]["by_reason"] == {"unidentified": 1} and summary["skipped"]["seen"] == 24
     assert not (tmp_path / "run" / "image_cache").exists()
+
+
+def test_val_templates_reach_the_zero_shot_metric_and_survive_resume(pairs, micro_model, tmp_path):
+    templates = ("a {} shape", "a drawing of a {}", "{}")  # the library default has two
+    cfg = _cfg(pairs, micro_model, tmp_path / "run", max_steps=3, val_data=str(pairs), val_templates=templates)
+    summary = Trainer(cfg).fit()
+    assert summary["val"]["num_templates"] == 3 and "top1" in summary["val"]
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["val_templates"]
+    assert saved == list(templates)  # JSON has no tuples ...
+    assert Trainer(dataclasses.replace(cfg, resume=True)).pos.step == 3  # ... and that is not a config change
+    with pytest.raises(TrainingError, match="val_templates"):
+        Trainer(dataclasses.replace(cfg, resume=True, val_templates=("{}",)))
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainConfig(train_data="t.csv", output="out", val_templates=("no slot for the class",))
+
+
+def test_scratch_clip_text_tower_is_bound_to_its_caption_tokenizer(pairs, tmp_path, monkeypatch):
+    """Regression: a fresh CLIP text tower of OpenAI's vocabulary size (its default tokenizer ends text with 49407)
+    trains a caption BPE (end-of-text id 2); the model config must follow the new tokenizer, or `encode_text` on
+    raw ids pools at the wrong token and the Hugging Face export guard against id 2 is bypassed."""
+    cfg = resolve_config("tiny", image_tower="vit_base_patch32_clip_224", image_size=32, embed_dim=32)  # exportable
+    cfg.vision.timm_kwargs.update(embed_dim=48, depth=1, num_heads=2, patch_size=8)
+    cfg.text.hf_config.update(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                              vocab_size=49408)
+    monkeypatch.setitem(model_config.PRESETS, "tiny-openai-vocab", lambda: copy.deepcopy(cfg))
+    run = tmp_path / "run"
+    Trainer(TrainConfig(train_data=str(pairs), output=str(run), model="tiny-openai-vocab", batch_size=8, max_steps=2,
+                        warmup_steps=1, progress=False)).fit()
+    model, _, tok = clipkit.load(run / "model")
+    assert tok.eot_token_id == 2 and model.config.text.eot_token_id == 2
+    assert model.config.text.hf_config["eos_token_id"] == 2 and model.text.config.eos_token_id == 2
+    ids = tok(["a red circle", "a blue square triangle"])
+    assert torch.allclose(model.encode_text(ids["input_ids"]), model.encode_text(ids), atol=1e-5)  # raw ids: same token
+    with pytest.raises(CheckpointError, match="end-of-text id is 2"):
+        clipkit.save_hf(model, tok, tmp_path / "hf")
+
+
+def test_loader_workers_change_nothing_across_epochs(pairs, micro_model, tmp_path):
+    """One loader for the whole run: its persistent workers serve every epoch the exact samples (augmented too)."""
+    for workers in (0, 2):
+        Trainer(_cfg(pairs, micro_model, tmp_path / f"w{workers}", max_steps=7, checkpoint_every=100, augment=True,
+                     num_workers=workers)).fit()  # 3 batches per epoch: 3 epochs
+    _assert_same(_weights(tmp_path / "w0"), _weights(tmp_path / "w2"))

@@ -1,7 +1,8 @@
 """HTTP search service: a FastAPI app over one SearchIndex + Embedder, and a hardened uvicorn runner.
 
 Routes: `GET /search?q=&k=` (text; exact-match filters on metadata columns, e.g. `&style=emoji`),
-`POST /search` (multipart `file` image, optional `k`), `GET /thumb/{id}`, `GET /healthz`, `GET /` (page).
+`POST /search` (multipart `file` image, optional `k`), `GET /thumb/{id}` (the file in the `image`
+metadata column), `GET /healthz`, `GET /` (page).
 Every error is `{"error": "..."}` JSON with a 4xx/5xx status; no traceback, path or repr leaves.
 
 What bounds a hostile client: request headers must arrive within `header_timeout` and fit h11's
@@ -54,6 +55,7 @@ SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"content-security
                     (b"cache-control", b"no-store"))
 THUMB_SIDE, THUMB_CACHE, THUMB_WAIT_S = 256, 512, 5.0
 MAX_FILTER_VALUES = 100
+IMAGE_COL = "image"  # the metadata column with each row's image file, as in pairs tables and collections
 BUFFERED_BODIES = 8  # request bodies held in memory at once, at most, in units of max_upload_bytes
 _MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
           (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"\xff\xd8\xff", "JPEG"),
@@ -320,7 +322,9 @@ class Service:
         self.index = SearchIndex.load(index_dir, expected_dim=self.embedder.dim)
         self.model_name = Path(model_dir).resolve().name
         self.filters = _filterable(self.index.metadata)
-        self.path_col = next((c for c in ("path", "image") if c in self.index.metadata.columns), None)
+        self.has_images = IMAGE_COL in self.index.metadata.columns
+        if not self.has_images:
+            log.warning("index %s has no %r metadata column: /thumb answers 404", self.index_dir, IMAGE_COL)
         self.slots = asyncio.Semaphore(limits.max_concurrency)
         self.cached_thumb = functools.lru_cache(THUMB_CACHE)(self.make_thumb)  # errors are not cached
         self.thumb_slots = asyncio.Semaphore(max(2, limits.max_concurrency))
@@ -378,18 +382,18 @@ class Service:
         return self.index.results(scores, ids)[0]
 
     def thumb_row(self, item_id: str) -> int:
-        """Row number for `/thumb/{id}`: a live index row with a path, else 404."""
+        """Row number for `/thumb/{id}`: a live index row with an image path, else 404."""
         meta = self.index.metadata
-        if self.path_col is None or not re.fullmatch(r"[0-9]{1,12}", item_id):
+        if not self.has_images or not re.fullmatch(r"[0-9]{1,12}", item_id):
             raise ApiError(404, "no such image id")
         row = int(item_id)
-        if row >= len(meta) or self.index.deleted[row] or not isinstance(meta[self.path_col].iloc[row], str):
+        if row >= len(meta) or self.index.deleted[row] or not isinstance(meta[IMAGE_COL].iloc[row], str):
             raise ApiError(404, "no such image id")
         return row
 
     def make_thumb(self, row: int) -> tuple[bytes, str]:
         """Decode the indexed file (allowed formats only), shrink it, re-encode it (drops EXIF)."""
-        path = Path(self.index.metadata[self.path_col].iloc[row])
+        path = Path(self.index.metadata[IMAGE_COL].iloc[row])
         path = path if path.is_absolute() else self.index_dir / path
         try:
             f = open(path, "rb")
@@ -553,9 +557,10 @@ def _is_loopback(host: str) -> bool:
 
 def run_server(index_dir: str | Path, model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, timeout_keep_alive: int = 5, header_timeout: float = 10.0,
-               max_connections: int = 256, access_log: bool = False, **limits: Any) -> None:
-    """Load, bind, print `listening on http://HOST:PORT`, serve until SIGINT/SIGTERM. Port 0 picks a
-    free port. Load errors raise before the port is bound. `limits` go to `create_app`; a server
+               max_connections: int = 256, access_log: bool = False,
+               on_ready: Callable[[str], None] | None = None, **limits: Any) -> None:
+    """Load, bind, call `on_ready("http://HOST:PORT")` (else log it), serve until SIGINT/SIGTERM. Port 0 picks
+    a free port. Load errors raise before the port is bound. `limits` go to `create_app`; a server
     bound beyond loopback accepts any Host unless `allowed_hosts` is given."""
     import uvicorn
 
@@ -568,5 +573,6 @@ def run_server(index_dir: str | Path, model_dir: str | Path, *, host: str = "127
         h11_max_incomplete_event_size=16 * 1024, limit_concurrency=max_connections, access_log=access_log,
         proxy_headers=False, server_header=False, timeout_graceful_shutdown=5, log_level="warning")
     shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{sock.getsockname()[1]}", flush=True)
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    on_ready(url) if on_ready is not None else log.warning("listening on %s", url)
     uvicorn.Server(config).run(sockets=[sock])

@@ -15,20 +15,20 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ..model.config import PreprocessConfig
-from .samples import Sample, make_sample
+from .samples import Sample, make_loader, make_sample
 from ..errors import DataError, ImageLoadError
 from ..fileio import atomic_dir, files_fingerprint
 from ..model.tokenizer import Tokenizer
 from ..model.transforms import Preprocess
 
 CACHE_VERSION = 1
-GEOMETRY = ("image_size", "resize_mode", "interpolation", "fill")  # what the cached pixels depend on
+GEOMETRY = ("image_size", "resize_mode", "interpolation", "fill", "jpeg_draft")  # what the cached pixels depend on
 
 
 def _geometry(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def _decode_into(file: Path, paths: list[str], cfg: PreprocessConfig, num_worker
     s = cfg.image_size
     pixels = np.memmap(file, np.uint8, "w+", shape=(len(paths), s, s, 3))
     valid, skipped = np.zeros(len(paths), dtype=bool), {}
-    loader = DataLoader(_Decode(paths, cfg), batch_size=32, num_workers=num_workers, collate_fn=_as_list)
+    loader = make_loader(_Decode(paths, cfg), 32, num_workers=num_workers, collate_fn=_as_list, pin_memory=False)
     for batch in tqdm(loader, desc="decoding images", unit="batch", disable=not progress):
         for i, arr, reason in batch:
             if arr is None:

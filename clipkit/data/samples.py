@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from ..errors import DataError, ImageLoadError
 from ..model.tokenizer import Tokenizer
@@ -64,6 +64,7 @@ class PairDataset(Dataset):
 def collate(batch: Sequence[Sample]) -> dict[str, Any]:
     """Stack the good samples; skipped images and shard errors travel as lists for the main process to count.
 
+    `skipped` holds (path, reason) pairs and `skipped_index` their dataset indexes, in the same order.
     A batch whose samples were all skipped has `index.numel() == 0` (and empty tensors).
     """
     good = [b for b in batch if "pixels" in b]
@@ -71,6 +72,7 @@ def collate(batch: Sequence[Sample]) -> dict[str, Any]:
                            {k: torch.empty(0, dtype=torch.long if k != "pixels" else torch.float32)
                             for k in _TENSOR_KEYS})
     out["skipped"] = [b["skip"] for b in batch if "skip" in b]
+    out["skipped_index"] = [b["index"] for b in batch if "skip" in b]
     out["shard_errors"] = [b["shard_error"] for b in batch if "shard_error" in b]
     if any("key" in b for b in good):
         out["keys"] = [b.get("key") for b in good]
@@ -152,14 +154,21 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A DataLoader with `collate`, a seeded order, seeded workers, and persistent workers when there are any."""
+def make_loader(dataset: Dataset, batch_size: int = 1, shuffle: bool = False, num_workers: int = 0, seed: int = 0,
+                drop_last: bool = False, *, sampler: Optional[Sampler] = None,
+                batch_sampler: Optional[Iterable[list[int]]] = None, collate_fn: Callable[[list], Any] = collate,
+                pin_memory: Optional[bool] = None) -> DataLoader:
+    """The project's DataLoader: `collate`, an order seeded by `seed` (or a `sampler` / `batch_sampler`), workers
+    seeded by `seed_worker` and kept across epochs, and pinned memory (default: when CUDA is available).
+
+    The loader's own generator also seeds the workers, so iterating never draws from the global torch RNG.
+    """
     if shuffle and isinstance(dataset, IterableDataset):
         raise ValueError("a streamed dataset cannot be shuffled by the loader; use TarShardDataset(shuffle_buffer=)")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
-                      generator=generator, worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available())
-
+    order: dict[str, Any] = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
+                             {"batch_size": batch_size, "shuffle": shuffle, "sampler": sampler, "drop_last": drop_last})
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn, generator=generator,
+                      worker_init_fn=seed_worker, persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **order)

@@ -91,16 +91,16 @@ def read_raw(path: Path, on_bad_lines: str) -> pd.DataFrame:
         raise DataError(f"{path}: unreadable {suffix[1:]} table ({type(e).__name__}: {e})") from None
 
 
-def _rename(df: pd.DataFrame, path: Path, image_col: str, caption_col: str) -> pd.DataFrame:
+def _rename(df: pd.DataFrame, path: Path, image_column: str, caption_column: str) -> pd.DataFrame:
     """Rename the user's columns to `image` and `caption`, listing what exists when one is missing."""
-    for want in (image_col, caption_col):
+    for want in (image_column, caption_column):
         if want not in df.columns:
             raise DataError(f"{path}: no column {want!r}; available columns: {', '.join(map(str, df.columns))} "
-                            "(pick others with image_col= / caption_col=)")
-    clash = [c for c, src in (("image", image_col), ("caption", caption_col)) if c != src and c in df.columns]
+                            "(pick others with image_column= / caption_column=)")
+    clash = [c for c, src in (("image", image_column), ("caption", caption_column)) if c != src and c in df.columns]
     if clash:
         raise DataError(f"{path}: column(s) {clash} exist besides the chosen image/caption columns; rename them")
-    return df.rename(columns={image_col: "image", caption_col: "caption"})
+    return df.rename(columns={image_column: "image", caption_column: "caption"})
 
 
 def _json_list(text: Any) -> Any:
@@ -141,7 +141,7 @@ def resolve_images(df: pd.DataFrame, base: Path) -> pd.DataFrame:
     return pd.concat([absolute.rename("image"), df["caption"], rel.rename("image_rel"), df[rest]], axis=1)
 
 
-def read_table(path: PathLike, *, image_col: str = "image", caption_col: str = "caption",
+def read_table(path: PathLike, *, image_column: str = "image", caption_column: str = "caption",
                on_bad_lines: str = "error") -> pd.DataFrame:
     """Read a CSV/TSV/parquet/JSON(L) pairs table into clean `image`/`caption` rows (see the module docstring).
 
@@ -152,7 +152,7 @@ def read_table(path: PathLike, *, image_col: str = "image", caption_col: str = "
     path = Path(path).absolute()
     raw = read_raw(path, on_bad_lines)
     bad_lines = raw.attrs.get("bad_lines_skipped", 0)
-    df = _explode_captions(_rename(raw, path, image_col, caption_col), path)
+    df = _explode_captions(_rename(raw, path, image_column, caption_column), path)
     df, dropped = _drop_empty_captions(df)
     df = resolve_images(df, path.parent)
     df.attrs.update(source=str(path), dropped_empty_captions=dropped, bad_lines_skipped=bad_lines)

@@ -14,16 +14,14 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from ..embed import Embedder, as_embedder
 from ..errors import DataError
-from ..report.plots import contact_sheet, plot_few_shot, plot_retrieval_grid
 from ..fileio import json_safe, write_json_atomic
+from ..report.plots import contact_sheet, plot_few_shot, plot_retrieval_grid
 from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, accuracy, few_shot_curve, finite_scores, fit_linear_probe, summarise_few_shot
 from .metrics import classification_metrics, per_class_table, retrieval_metrics
 from .scoring import clip_score, r_precision, ranking_json, ref_clip_score, rerank, rerank_table, summarise_scores
 from .zeroshot import DEFAULT_TEMPLATES, load_templates, zero_shot_weights
-
-from ..embed import Embedder, as_embedder
-
 
 
 @dataclass
@@ -92,13 +90,20 @@ def _embed_unique(embedder: Embedder, paths: list[str]) -> tuple[np.ndarray, np.
     return emb, ok
 
 
+def _labels(table: pd.DataFrame, label_column: str) -> pd.Series:
+    """The label column as stripped text; a missing or empty label (an image outside every class folder) is NA."""
+    _require(table, [label_column])
+    text = table[label_column].map(lambda v: str(v).strip() if pd.notna(v) else "")
+    return text.mask(text == "")
+
+
 def _labelled(
     embedder: Embedder, table: pd.DataFrame, label_column: str, classnames: list[str]
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Embeddings `[N, D]` and class ids `[N]` of the loadable (image, label) pairs, plus skip counts."""
-    _require(table, ["image", label_column])
-    labelled = table[["image", label_column]].dropna()
-    samples = labelled.assign(**{label_column: labelled[label_column].astype(str)}).drop_duplicates()
+    _require(table, ["image"])
+    labelled = pd.DataFrame({"image": table["image"], label_column: _labels(table, label_column)}).dropna()
+    samples = labelled.drop_duplicates()
     paths, img_idx = dedupe_images(samples)
     emb, ok = _embed_unique(embedder, paths)
     keep = ok[img_idx]
@@ -110,9 +115,7 @@ def _labelled(
 
 
 def _class_names(label_column: str, *tables: pd.DataFrame) -> list[str]:
-    for t in tables:
-        _require(t, [label_column])
-    names = sorted({str(v) for t in tables for v in t[label_column].dropna()})
+    names = sorted({v for t in tables for v in _labels(t, label_column).dropna()})
     if not names:
         raise DataError(f"column {label_column!r} holds no labels")
     return names
@@ -194,7 +197,6 @@ def eval_linear_probe(
     return EvalResult("linear_probe", _json_safe(metrics), tables)
 
 
-
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: json_safe(v) for k, v in metrics.items()}
 
@@ -208,6 +210,13 @@ def write_json(result: EvalResult, path: Union[str, os.PathLike]) -> None:
     write_json_atomic(path, {"task": result.task, "metrics": _json_safe(result.metrics), "tables": tables})
 
 
+def read_labelled(spec: Union[str, os.PathLike]) -> pd.DataFrame:
+    """A labelled table, or a class-folder dataset: every image (captioned or not) labelled by its sub-folder."""
+    from ..data.tables import read_folder, read_pairs
+
+    return read_folder(spec, keep_uncaptioned=True) if Path(spec).is_dir() else read_pairs(spec)
+
+
 def run_eval(
     kind: str,
     model: Any,
@@ -219,22 +228,28 @@ def run_eval(
     json_out: Optional[Union[str, os.PathLike]] = None,
     plot: Optional[Union[str, os.PathLike]] = None,
 ) -> EvalResult:
-    """What `clipkit eval KIND` runs: read the tables, embed, evaluate, write JSON and the plot."""
+    """What `clipkit eval KIND` runs: read the tables, embed, evaluate, write JSON and the plot.
+
+    Zero-shot and linear-probe read a folder as class folders (label = sub-folder, captions optional);
+    retrieval needs captions. `plot` is a retrieval grid or, for linear-probe, the few-shot curve.
+    """
     from ..data.tables import read_pairs
 
-    embedder = as_embedder(model)
-    table = read_pairs(data)
-    tmpl = load_templates(templates) if templates else DEFAULT_TEMPLATES
-    if kind == "zeroshot":
-        result = eval_zeroshot(embedder, table, label_column=label_column, templates=tmpl)
-    elif kind == "retrieval":
-        result = eval_retrieval(embedder, table)
-    elif kind == "linear-probe":
-        if train is None:
-            raise ValueError("linear-probe needs --train TABLE (the labelled images the probe learns from)")
-        result = eval_linear_probe(embedder, read_pairs(train), table, label_column=label_column, templates=tmpl)
-    else:
+    if kind not in ("zeroshot", "retrieval", "linear-probe"):
         raise ValueError(f"unknown evaluation {kind!r}; choose zeroshot, retrieval or linear-probe")
+    if kind == "linear-probe" and train is None:
+        raise ValueError("linear-probe needs a train= table (the labelled images the probe learns from)")
+    if kind == "zeroshot" and plot:
+        raise ValueError("zero-shot evaluation draws no plot; plots exist for retrieval and linear-probe")
+    embedder = as_embedder(model)
+    tmpl = load_templates(templates) if templates else DEFAULT_TEMPLATES
+    if kind == "retrieval":
+        result = eval_retrieval(embedder, read_pairs(data))
+    elif kind == "zeroshot":
+        result = eval_zeroshot(embedder, read_labelled(data), label_column=label_column, templates=tmpl)
+    else:
+        result = eval_linear_probe(embedder, read_labelled(train), read_labelled(data), label_column=label_column,
+                                   templates=tmpl)
     if json_out:
         write_json(result, json_out)
     if plot and result.examples:
@@ -251,26 +266,28 @@ def _references(cell: Any) -> list[str]:
     return [str(r).strip() for r in refs if str(r).strip()]
 
 
-def score_table(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prompt", image_col: str = "image",
-                prefix: Optional[str] = None, r_precision_r: Optional[int] = None, reference_col: Optional[str] = None,
-                resize_mode: Optional[str] = None, json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+def score_table(model: Any, pairs: str | os.PathLike, *, prompt_column: str = "prompt", image_column: str = "image",
+                prefix: Optional[str] = None, r_precision_r: Optional[int] = None,
+                reference_column: Optional[str] = None, resize_mode: Optional[str] = None,
+                json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """CLIPScore (RefCLIPScore with references, R-precision on request) of a (prompt, image) table."""
     from ..data.tables import read_table
 
-    table = read_table(pairs, image_col=image_col, caption_col=prompt_col)
+    table = read_table(pairs, image_column=image_column, caption_column=prompt_column)
     embedder = as_embedder(model, resize_mode=resize_mode)
     prompts, images = table["caption"].tolist(), table["image"].tolist()
     scores = clip_score(embedder, prompts, images, prefix=prefix)
     summary = {**summarise_scores(scores), "prefix": prefix, "w": 2.5}
     ref = None
-    if reference_col:
-        if reference_col not in table.columns:
-            raise ValueError(f"no column {reference_col!r}; available: {list(table.columns)}")
-        ref = ref_clip_score(embedder, prompts, images, [_references(c) for c in table[reference_col]], prefix=prefix)
+    if reference_column:
+        _require(table, [reference_column])
+        refs = [_references(c) for c in table[reference_column]]
+        ref = ref_clip_score(embedder, prompts, images, refs, prefix=prefix)
         summary["refclipscore_mean"] = json_safe(float(np.nanmean(ref))) if np.isfinite(ref).any() else None
     if r_precision_r:
         rp = r_precision(embedder, prompts, images, R=r_precision_r)
-        summary.update({k if k == "r_precision" else f"r_precision_{k}": v for k, v in rp.items()})
+        summary.update(r_precision=rp["r_precision"], chance_r_precision=rp["chance_r_precision"],
+                       r_precision_R=rp["R"], r_precision_n=rp["n"], r_precision_n_failed=rp["n_failed"])
     if json_out:
         rows = [{"prompt": p, "image": r, "clipscore": json_safe(s)}
                 for p, r, s in zip(prompts, table["image_rel"], scores)]
@@ -285,10 +302,8 @@ def rerank_files(model: Any, prompt: str, images: Sequence[str], *, top: Optiona
                  resize_mode: Optional[str] = None, sheet: Optional[str | os.PathLike] = None,
                  json_out: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Rank candidate files for a prompt; optionally write the ranking JSON and a contact sheet."""
-
     embedder = as_embedder(model, resize_mode=resize_mode)
-    ranked = rerank(embedder, prompt, list(images), templates=templates, negative_prompt=negative_prompt)
-    kept = ranked[:top] if top else ranked
+    kept = rerank(embedder, prompt, list(images), templates=templates, negative_prompt=negative_prompt, top=top)
     if sheet:
         contact_sheet(kept, sheet, prompt=prompt)
     result = ranking_json(prompt, kept)
@@ -297,7 +312,7 @@ def rerank_files(model: Any, prompt: str, images: Sequence[str], *, top: Optiona
     return result
 
 
-def rerank_pairs(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "prompt", image_col: str = "image",
+def rerank_pairs(model: Any, pairs: str | os.PathLike, *, prompt_column: str = "prompt", image_column: str = "image",
                  top: Optional[int] = None, templates: Optional[list[str]] = None,
                  negative_prompt: Optional[str] = None, resize_mode: Optional[str] = None,
                  sheet_dir: Optional[str | os.PathLike] = None,
@@ -305,12 +320,11 @@ def rerank_pairs(model: Any, pairs: str | os.PathLike, *, prompt_col: str = "pro
     """Batch best-of-N: a (prompt, image) table grouped by prompt; one ranking (and sheet) per prompt."""
     from ..data.tables import read_table
 
-    table = read_table(pairs, image_col=image_col, caption_col=prompt_col).rename(columns={"caption": "prompt"})
+    table = read_table(pairs, image_column=image_column, caption_column=prompt_column).rename(columns={"caption": "prompt"})
     ranked = rerank_table(as_embedder(model, resize_mode=resize_mode), table, templates=templates,
-                          negative_prompt=negative_prompt, top=None)
+                          negative_prompt=negative_prompt, top=top)
     results = []
-    for i, (prompt, items) in enumerate(ranked.items()):
-        kept = items[:top] if top else items
+    for i, (prompt, kept) in enumerate(ranked.items()):
         if sheet_dir:
             contact_sheet(kept, Path(sheet_dir) / f"prompt{i:04d}.png", prompt=prompt)
         results.append(ranking_json(prompt, kept))

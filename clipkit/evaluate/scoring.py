@@ -7,7 +7,7 @@ its numbers are not comparable with this per-pair `2.5 * max(cos, 0)` mean (nor 
 across batch sizes when some cosines are negative).
 
 Rows never shift: an image that fails to load gives NaN in its own row and is counted, not dropped
-(RELIABILITY case 15).
+(so a table's rows stay aligned with their scores).
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def r_precision_from_embeddings(
     return {
         "r_precision": float(hits.mean()) if hits.size else None,
         "R": R,
-        "chance": 1.0 / R,
+        "chance_r_precision": 1.0 / R,
         "n": int(hits.size),
         "n_failed": int((~ok).sum()),
     }
@@ -284,8 +284,8 @@ def rerank(
 def rerank_table(
     embedder: EmbedderLike,
     table: pd.DataFrame,
-    prompt_col: str = "prompt",
-    image_col: str = "image",
+    prompt_column: str = "prompt",
+    image_column: str = "image",
     *,
     templates: Optional[list[str]] = None,
     negative_prompt: Optional[str] = None,
@@ -293,18 +293,19 @@ def rerank_table(
     top: Optional[int] = None,
 ) -> dict[str, list[RankedImage]]:
     """Rerank every prompt's candidates in a (prompt, image) table; all images and prompts embedded once."""
-    missing = [c for c in (prompt_col, image_col) if c not in table.columns]
+    missing = [c for c in (prompt_column, image_column) if c not in table.columns]
     if missing:
         raise ValueError(f"table lacks column(s) {missing}; available: {list(table.columns)}")
-    if table[prompt_col].isna().any():
-        raise ValueError(f"{int(table[prompt_col].isna().sum())} rows have no {prompt_col!r}")
-    items = table[image_col].tolist()
+    if table[prompt_column].isna().any():
+        raise ValueError(f"{int(table[prompt_column].isna().sum())} rows have no {prompt_column!r}")
+    prompts = table[prompt_column].astype(str)
+    items = table[image_column].tolist()
     img, errors = _embed_candidates(embedder, items)
-    distinct = list(dict.fromkeys(table[prompt_col].astype(str)))
+    distinct = list(dict.fromkeys(prompts))
     texts = distinct + ([negative_prompt] if negative_prompt is not None else [])
     q = _text_query(embedder, texts, templates)
     neg = q[-1] if negative_prompt is not None else None
-    groups = table.groupby(table[prompt_col].astype(str), sort=False).indices
+    groups = prompts.groupby(prompts, sort=False).indices
     out = {}
     for p, qi in zip(distinct, q):
         rows = groups[p]

@@ -77,4 +77,4 @@ def best_of_n_accuracy(rankings: Sequence[Sequence[Any]], sets: Sequence[Candida
     hits = [str(r[0]) == s.candidates[s.target] for r, s in zip(rankings, sets)]
     n = len(sets[0].candidates) if sets else 0
     return {"best_of_n_top1": float(np.mean(hits)) if hits else float("nan"), "n_candidates": n,
-            "chance": 1.0 / n if n else float("nan"), "num_prompts": len(sets)}
+            "chance_best_of_n_top1": 1.0 / n if n else float("nan"), "num_prompts": len(sets)}

@@ -1,15 +1,16 @@
 """PNG figures: retrieval grids, few-shot curves, loss curves, contact sheets of ranked candidates.
 
-Uses matplotlib's object API (`Figure` renders through Agg when saved), so nothing needs a display
-and no pyplot global state or backend switch leaks into the caller. Files are written atomically.
+The charts use matplotlib's object API (`Figure` renders through Agg when saved), so nothing needs a
+display and no pyplot global state or backend switch leaks into the caller. Contact sheets are drawn
+with PIL at exact pixel sizes (`sheet_size`). Every file is written atomically.
 """
 from __future__ import annotations
 
 import math
 import os
 import textwrap
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -22,9 +23,9 @@ from ..fileio import atomic_path
 from ..model.transforms import load_image
 
 PathLike = Union[str, os.PathLike]
-THUMB = 128  # thumbnail side in pixels
+THUMB = 128  # retrieval-grid thumbnail side in pixels
 PAD, LABEL_H, TITLE_H = 8, 22, 32  # contact sheet layout (pixels)
-TILE_BG, SHEET_BG = (235, 235, 235), (255, 255, 255)
+TILE_BG, SHEET_BG = (235, 235, 235), (255, 255, 255)  # contact sheet colours
 
 
 def _save(fig: Figure, out_png: PathLike, dpi: int = 100) -> None:
@@ -131,6 +132,9 @@ def plot_loss_curve(
     _save(fig, out_png)
 
 
+# --- contact sheets (PIL) ------------------------------------------------------------------------------
+
+
 def sheet_size(n: int, tile: int = 160, cols: int = 4) -> tuple[int, int]:
     """Pixel size `(width, height)` of a contact sheet of `n` candidates."""
     ncols = min(cols, n)
@@ -161,8 +165,8 @@ def _tile(item: Any, tile: int) -> Optional[Image.Image]:
 
 
 def contact_sheet(ranked: Sequence[Any], out_png: PathLike, *, prompt: str, tile: int = 160, cols: int = 4) -> Path:
-    """Write a PNG grid of ranked candidates (each with `.image`, `.rank`, `.score`: `scoring.RankedImage`),
-    "#rank  score" under each and the prompt as title (atomic)."""
+    """A PNG grid of ranked candidates (`clipkit.evaluate.RankedImage`: `.image`, `.rank`, `.score`), left to
+    right in the given order with "#rank  score" under each (NaN: "failed") and the prompt as title."""
     if not ranked:
         raise ValueError("no candidates to draw")
     sheet = Image.new("RGB", sheet_size(len(ranked), tile, cols), SHEET_BG)

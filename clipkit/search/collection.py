@@ -2,7 +2,7 @@
 
 A collection directory holds `collection.json` and, per chunk c of `shard_size` rows (global row order),
 `emb-{c:05d}.npy` image embeddings, `txt-{c:05d}.npy` caption embeddings (optional) and
-`meta-{c:05d}.parquet` (id, path, path_rel, caption, extra columns, ok, error). The meta file is written
+`meta-{c:05d}.parquet` (id, image, image_rel, caption, extra columns, ok, error). The meta file is written
 last, so it marks a finished chunk. Worker i of n embeds the chunks c with c % n == i, so several
 processes or machines can fill one directory. Ids are row numbers that never shift: an unreadable image
 keeps its row with ok=False and a zero vector, and is tombstoned in the index built from the collection.
@@ -25,18 +25,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.samples import PairDataset, collate, seed_worker
+from ..data.samples import PairDataset, make_loader
 from ..data.tables import read_folder, read_pairs, read_raw, resolve_images
 from ..embed import Embedder, as_embedder
 from ..errors import DataError
 from ..fileio import atomic_path, files_fingerprint, write_json_atomic
+from .build import eval_rows, make_index, resolve_factory, train, train_rows
+from .exact import check_vectors, drop_self, exact_search_blocks
+from .index import SearchIndex, tune
 from .io import c_stdout_to_stderr
-from .index import SearchIndex, _check_vectors, exact_search, recall_at_k, resolve_factory
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image columns are `image` / `image_rel`, as in pairs tables (1 named them path)
 INFO = "collection.json"
-OWN_COLUMNS = ("id", "path", "path_rel", "caption", "ok", "error")
+ADDED_COLUMNS = ("id", "ok", "error")  # what the collection adds to the source's columns
 MUST_MATCH = ("format_version", "model_id", "dim", "dtype", "count", "shard_size", "captions", "source_hash")
 
 
@@ -51,7 +53,7 @@ class EmbedSummary:
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     embedded: int = 0
-    failures: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}
+    failures: list[dict] = field(default_factory=list)  # {"id", "image", "reason"}
     dropped_rows: int = 0  # table rows read_pairs dropped (empty captions, skipped bad lines): not in the collection
     seconds: float = 0.0
 
@@ -82,13 +84,12 @@ def read_source(source: PathLike) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: no such folder or table")
     table = read_folder(path, keep_uncaptioned=True) if path.is_dir() else _read_table(path)
-    clash = sorted(set(table.columns) & set(OWN_COLUMNS) - {"caption"})
+    clash = sorted(set(table.columns) & set(ADDED_COLUMNS))
     if clash:
         raise DataError(f"{path}: columns {clash} are reserved by the collection format; rename them")
     if table.empty:
         raise DataError(f"{path}: no images found")
     dropped = table.attrs.get("dropped_empty_captions", 0) + table.attrs.get("bad_lines_skipped", 0)
-    table = table.rename(columns={"image": "path", "image_rel": "path_rel"})
     table = table.reset_index(drop=True).rename_axis("id").reset_index()
     table.attrs["dropped_rows"] = dropped
     return table
@@ -124,7 +125,7 @@ def _collection_info(table: pd.DataFrame, embedder: Embedder, source: PathLike, 
     return {"format_version": FORMAT_VERSION, "model_id": embedder.model.fingerprint(), "dim": embedder.dim,
             "dtype": dtype, "count": len(table), "shard_size": shard_size, "chunks": -(-len(table) // shard_size),
             "captions": captions, "source": str(Path(source).absolute()),
-            "source_hash": files_fingerprint(table["path"].astype(str))[:16]}
+            "source_hash": files_fingerprint(table["image"].astype(str))[:16]}
 
 
 def _batches(chunks: Sequence[int], count: int, shard_size: int, batch_size: int) -> list[list[list[int]]]:
@@ -146,7 +147,7 @@ def _embed_chunk(embedder: Embedder, loader: Iterator, batches: list[list[int]],
     for ids in batches:
         batch = next(loader)
         good = batch["index"].numpy()
-        failed.update(zip(sorted(set(ids) - set(good.tolist())), (r for _, r in batch["skipped"])))
+        failed.update((i, reason) for i, (_, reason) in zip(batch["skipped_index"], batch["skipped"]))
         if good.size:
             pixels = batch["pixels"].to(embedder.device)
             out[good - lo] = embedder.model.encode_image(pixels).float().cpu().numpy()
@@ -180,9 +181,8 @@ def _caption_vectors(embedder: Embedder, captions: pd.Series) -> np.ndarray:
 
 
 def _loader(table: pd.DataFrame, embedder: Embedder, batches: list[list[int]], num_workers: int) -> DataLoader:
-    dataset = PairDataset(table.rename(columns={"path": "image"}), embedder.preprocess, embedder.tokenizer)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-                      worker_init_fn=seed_worker, pin_memory=embedder.device.type == "cuda")
+    dataset = PairDataset(table, embedder.preprocess, embedder.tokenizer)
+    return make_loader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=embedder.device.type == "cuda")
 
 
 def embed_collection(model: Union[PathLike, Embedder], source: PathLike, out_dir: PathLike, *,
@@ -206,12 +206,14 @@ def embed_collection(model: Union[PathLike, Embedder], source: PathLike, out_dir
     summary = EmbedSummary(out, len(table), info["chunks"], (i, n), dropped_rows=table.attrs["dropped_rows"])
     summary.skipped = [c for c in mine if _chunk_file(out, "meta", c).is_file()]
     todo = sorted(set(mine) - set(summary.skipped))
-    plan = _batches(todo, len(table), shard_size, batch_size)
     if not todo:
         return summary
+    plan = _batches(todo, len(table), shard_size, batch_size)
+    in_order = [batch for chunk in plan for batch in chunk]
     t0 = time.perf_counter()
-    loader = iter(_loader(table, embedder, [b for chunk in plan for b in chunk], num_workers))
-    with tqdm(total=sum(map(len, sum(plan, []))), unit="img", desc=f"embed {i}/{n}", disable=not progress, smoothing=0.1) as bar:
+    loader = iter(_loader(table, embedder, in_order, num_workers))
+    total = sum(len(batch) for batch in in_order)
+    with tqdm(total=total, unit="img", desc=f"embed {i}/{n}", disable=not progress, smoothing=0.1) as bar:
         for c, batches in zip(todo, plan):
             rows = table.iloc[c * shard_size:(c + 1) * shard_size]
             emb, failed = _embed_chunk(embedder, loader, batches, bar)
@@ -219,7 +221,7 @@ def embed_collection(model: Union[PathLike, Embedder], source: PathLike, out_dir
             _write_chunk(out, c, rows, emb, txt, failed, dtype)
             summary.written.append(c)
             summary.embedded += len(rows) - len(failed)
-            summary.failures += [{"id": k, "path": table.at[k, "path"], "reason": r} for k, r in failed.items()]
+            summary.failures += [{"id": k, "image": table.at[k, "image"], "reason": r} for k, r in failed.items()]
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -233,6 +235,9 @@ def read_collection_info(emb_dir: PathLike) -> dict:
     if not (d / INFO).is_file():
         raise DataError(f"{d}: not an embeddings folder (missing {INFO}; create it with `clipkit embed`)")
     info = json.loads((d / INFO).read_text(encoding="utf-8"))
+    if info.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{d}: collection format {info.get('format_version')}, this clipkit reads {FORMAT_VERSION}; "
+                        "embed it again into a new folder")
     missing = [c for c in range(info["chunks"]) if not _chunk_file(d, "meta", c).is_file()]
     if missing:
         raise DataError(f"{d}: collection incomplete: missing chunks {missing[:20]}"
@@ -268,7 +273,7 @@ def load_collection(emb_dir: PathLike, *, texts: bool = False) -> tuple[np.ndarr
 
 def _index_metadata(meta: pd.DataFrame) -> pd.DataFrame:
     """Search metadata: everything but the id (the row number) and the ok/error status."""
-    return meta.drop(columns=["id", "ok", "error"]).reset_index(drop=True)
+    return meta.drop(columns=list(ADDED_COLUMNS)).reset_index(drop=True)
 
 
 def _set_ids(index: faiss.IndexIDMap2, ids: np.ndarray) -> None:
@@ -285,8 +290,8 @@ def build_index_from_collection(emb_dir: PathLike, out_dir: PathLike, kind: str 
 
     `on_disk=True` builds an IVF index whose inverted lists stay on disk (`build_ivf_ondisk`).
     """
+    info = read_collection_info(emb_dir)
     if on_disk:
-        info = read_collection_info(emb_dir)
         factory = ondisk_factory(kind, info["count"], info["dim"], memory_budget)
         return build_ivf_ondisk(emb_dir, out_dir, factory, train_sample=train_sample, seed=seed,
                                 keep_vectors=keep_vectors, progress=progress)
@@ -296,7 +301,7 @@ def build_index_from_collection(emb_dir: PathLike, out_dir: PathLike, kind: str 
         raise DataError(f"{emb_dir}: no image in the collection could be embedded")
     built = SearchIndex.build(vectors[ok], kind=kind, memory_budget_bytes=memory_budget,
                               train_sample=train_sample, seed=seed, keep_vectors=keep_vectors,
-                              model_id=read_collection_info(emb_dir)["model_id"])
+                              model_id=info["model_id"])
     full = built.vectors
     if not ok.all():
         _set_ids(built.index, np.flatnonzero(ok))
@@ -324,19 +329,14 @@ def _ok_chunks(d: Path, info: dict, meta: pd.DataFrame) -> Iterator[tuple[int, n
     for c in range(info["chunks"]):
         rows = meta.iloc[c * size:(c + 1) * size]
         ok = rows["ok"].to_numpy(bool)
-        x = np.load(_chunk_file(d, "emb", c), mmap_mode="r")[ok]
-        yield c, (_check_vectors(x) if len(x) else np.zeros((0, info["dim"]), np.float32)), rows["id"].to_numpy()[ok]
+        yield c, check_vectors(np.load(_chunk_file(d, "emb", c), mmap_mode="r")[ok]), rows["id"].to_numpy()[ok]
 
 
-def _train_sample(d: Path, info: dict, meta: pd.DataFrame, n_ok: int, train_sample: int, seed: int) -> np.ndarray:
-    """The rows SearchIndex.build would train on (same seeded choice over ok rows), gathered chunk by chunk."""
-    pick = np.sort(np.random.default_rng(seed).choice(n_ok, min(n_ok, train_sample), replace=False))
-    parts, start = [], 0
-    for _, x, _ in _ok_chunks(d, info, meta):
-        sel = pick[(pick >= start) & (pick < start + len(x))] - start
-        parts.append(x[sel])
-        start += len(x)
-    return np.concatenate(parts)
+def _gather(d: Path, info: dict, ids: np.ndarray) -> np.ndarray:
+    """The stored image vectors of sorted collection ids, as float32, read chunk by chunk (memory-mapped)."""
+    chunk, row = np.divmod(ids, info["shard_size"])
+    parts = [np.load(_chunk_file(d, "emb", c), mmap_mode="r")[row[chunk == c]] for c in np.unique(chunk)]
+    return np.concatenate(parts).astype(np.float32)
 
 
 def _add_blocks(d: Path, info: dict, meta: pd.DataFrame, trained: str, work: Path,
@@ -371,9 +371,10 @@ def build_ivf_ondisk(emb_dir: PathLike, out_dir: PathLike, factory: str, *, trai
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.ondisk-", dir=out.parent))
     try:
-        index = faiss.index_factory(info["dim"], factory, faiss.METRIC_INNER_PRODUCT)
+        index = make_index(info["dim"], factory)
         faiss.extract_index_ivf(index)  # raises for a factory without IVF
-        index.train(_train_sample(d, info, meta, int(ok.sum()), train_sample, seed))
+        live = np.flatnonzero(ok)  # the rows SearchIndex.build would train on: the same seeded choice
+        train(index, check_vectors(_gather(d, info, live[train_rows(live.size, train_sample, seed)])))
         faiss.write_index(index, str(work / "trained.index"))
         vectors = (np.lib.format.open_memmap(work / "vectors.npy", "w+", np.float32, (len(ok), info["dim"]))
                    if keep_vectors else None)
@@ -393,37 +394,19 @@ def build_ivf_ondisk(emb_dir: PathLike, out_dir: PathLike, factory: str, *, trai
     return SearchIndex.load(out, verify=False)
 
 
-def _exact_topk(d: Path, info: dict, meta: pd.DataFrame, q: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k collection ids of q, streamed over the chunks (the recall ground truth)."""
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    for _, x, ids in _ok_chunks(d, info, meta):
-        if len(x):
-            scores, pos = exact_search(x, q, k)
-            heap.add_result(scores, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))
-    heap.finalize()
-    return heap.I
-
-
 def _ondisk_report(index: SearchIndex, d: Path, info: dict, meta: pd.DataFrame, seed: int, seconds: float,
                    work: Path) -> dict:
-    """Tune nprobe as SearchIndex.build does (smallest power of 2 >= 16 reaching 0.95 10@100) and report."""
+    """The build report of an on-disk index, tuned and measured as `SearchIndex.build` does (exact truth
+    streamed over the chunks)."""
     live = np.flatnonzero(meta["ok"].to_numpy(bool))
-    qi = np.sort(live[np.random.default_rng(seed).choice(live.size, min(200, live.size), replace=False)])
-    q = np.concatenate([np.load(_chunk_file(d, "emb", c), mmap_mode="r")[qi[qi // info["shard_size"] == c]
-                        % info["shard_size"]] for c in range(info["chunks"])]).astype(np.float32)
-    truth = _exact_topk(d, info, meta, _check_vectors(q), 11)
-    truth = np.stack([row[row != i][:10] for row, i in zip(truth, qi)])  # own id excluded
-    ivf = faiss.extract_index_ivf(index.index)
-    for p in sorted({min(2 ** i, ivf.nlist) for i in range(4, 17)}):
-        ivf.nprobe = p
-        if recall_at_k(index.search(q, min(101, live.size))[1], truth, 100) >= 0.95:
-            break
-    found = index.search(q, 11)[1]
-    found = np.stack([row[row != i][:10] for row, i in zip(found, qi)])
+    qi = np.sort(live[eval_rows(live.size, seed)])
+    q = check_vectors(_gather(d, info, qi))
+    blocks = ((x, ids) for _, x, ids in _ok_chunks(d, info, meta))
+    measured = tune(index, q, qi, drop_self(exact_search_blocks(blocks, q, 11)[1], qi, 10))
     size = sum(f.stat().st_size for f in (work / "lists.ivfdata", work / "trained.index"))
     return {"kind": "ondisk", "factory": index.factory, "count": len(meta), "failed": int(len(meta) - live.size),
             "on_disk": True, "build_seconds": round(seconds, 3), "bytes_per_vector": round(size / live.size, 1),
-            "nprobe": int(ivf.nprobe), "eval_queries": len(qi), "recall@10": round(recall_at_k(found, truth, 10), 4)}
+            **measured}
 
 
 # ---------------------------------------------------------------------------------------------- searching
@@ -445,7 +428,7 @@ def open_search(index_dir: PathLike, model: Union[PathLike, Embedder]) -> tuple[
 def search_collection(index: SearchIndex, embedder: Embedder, *, text: Optional[str] = None,
                       image: Optional[PathLike] = None, k: int = 10, rerank: int = 0, filter: Any = None,
                       mmr: Optional[float] = None) -> dict:
-    """One text or image query -> `{"results": [{"id", "score", "path", ...metadata}]}` (the HTTP shape)."""
+    """One text or image query -> `{"results": [{"id", "score", "image", ...metadata}]}` (the HTTP shape)."""
     if (text is None) == (image is None):
         raise ValueError("give exactly one of a text or an image query")
     q = embedder.texts([text]) if text is not None else embedder.images([image])

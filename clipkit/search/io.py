@@ -1,7 +1,9 @@
-"""Reading and checking a saved search index: index.json, index.faiss, metadata, vectors, on-disk lists.
+"""A saved search index: writing its directory atomically, reading it back and checking every file.
 
-Every check raises `IndexLoadError` with a specific reason (missing, truncated or corrupt, dim/count/
-metric mismatch) so a damaged index is never served half-loaded.
+Files: index.json (`info`), index.faiss, meta.parquet (metadata + tombstones), vectors.npy (optional),
+lists.ivfdata (on-disk IVF only) and a sha256 manifest. Every check raises `IndexLoadError` with a
+specific reason (missing, truncated or corrupt, dim/count/metric mismatch) so a damaged index is never
+served half-loaded.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -17,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import IndexLoadError
+from ..fileio import atomic_dir, atomic_path, verify_manifest, write_json_atomic, write_manifest
 
 FORMAT_VERSION = 1
 DELETED_COL = "__deleted__"
@@ -131,3 +135,43 @@ def read_vectors(path: Path, shape: tuple[int, int], mmap: bool) -> np.ndarray:
         raise IndexLoadError(f"{path}: shape/dtype mismatch: {vectors.shape} {vectors.dtype}, "
                              f"expected {shape} float32")
     return vectors
+
+
+@dataclass
+class IndexFiles:
+    """What an index directory holds: the FAISS index, metadata rows, tombstones, optional vectors, index.json."""
+
+    index: faiss.Index
+    metadata: pd.DataFrame
+    deleted: np.ndarray
+    vectors: np.ndarray | None
+    info: dict
+
+
+def write_index_dir(directory: str | Path, files: IndexFiles) -> Path:
+    """Write the index directory atomically: old or new, never a mix, with a sha256 manifest."""
+    with atomic_dir(directory) as tmp:
+        with atomic_path(tmp / "index.faiss") as p:  # write_index truncates its target first
+            faiss.write_index(files.index, str(p))
+        lists = ondisk_lists(files.index)
+        if lists is not None:  # index.faiss names the list data; load looks for it beside index.faiss
+            link_or_copy(Path(lists.filename), tmp / Path(lists.filename).name)
+        files.metadata.assign(**{DELETED_COL: files.deleted}).to_parquet(tmp / "meta.parquet", index=False)
+        if files.vectors is not None:
+            np.save(tmp / "vectors.npy", files.vectors)
+        write_json_atomic(tmp / "index.json", files.info)
+        write_manifest(tmp)
+    return Path(directory)
+
+
+def read_index_dir(directory: str | Path, expected_dim: int | None, mmap: bool, verify: bool) -> IndexFiles:
+    """Read and cross-check an index directory; any inconsistency raises IndexLoadError."""
+    d = Path(directory)
+    info = read_info(d)
+    if verify and not verify_manifest(d, IndexLoadError):
+        raise IndexLoadError(f"{d}: missing manifest.json (pass verify=False to skip checksums)")
+    index = read_faiss(d / "index.faiss")
+    check_index(d, index, info, expected_dim)
+    meta, deleted = read_meta(d / "meta.parquet", index)
+    vectors = read_vectors(d / "vectors.npy", (len(meta), index.d), mmap) if info["has_vectors"] else None
+    return IndexFiles(index, meta, deleted, vectors, info)

@@ -1,31 +1,44 @@
-"""Training checkpoints that resume bitwise: model, optimizer, scheduler, scaler, RNGs, data position.
+"""Training checkpoints that resume bitwise: model, optimizer, scheduler, RNGs, data position and counters.
 
 Each checkpoint is a directory `checkpoints/step_XXXXXXXX/` committed atomically (temp dir + rename)
 with a sha256 manifest; everything in it loads with `torch.load(weights_only=True)` or safetensors.
+There is no gradient scaler to save: mixed precision is bf16 autocast, which needs none.
 """
 from __future__ import annotations
 
+import json
 import logging
-import os
 import random
 import re
 import shutil
-import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import save_model
 
-from ..formats.weights import load_state, read_safetensors
+from ..data.samples import SkipCounter
 from ..errors import CheckpointError
 from ..fileio import atomic_dir, verify_manifest, write_manifest
+from ..formats.weights import load_state, read_safetensors
+from .config import TrainingError, config_changes
 
 log = logging.getLogger("clipkit.train")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-CRASH_AT_STEP = "CLIPKIT_TEST_CRASH_AT_STEP"  # test hooks: SIGKILL ourselves after a step / inside a save
-CRASH_IN_SAVE = "CLIPKIT_TEST_CRASH_IN_SAVE"
+SaveHook = Callable[[Path, int], None]  # (temp folder of the checkpoint being written, step), before its commit
+
+
+@dataclass
+class Position:
+    """Where a run stands and what it counted: saved with every checkpoint, restored on resume."""
+
+    step: int = 0  # optimizer steps taken (checkpoint step_N holds the state after N steps)
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_total: int = 0
+    best: Optional[dict[str, Any]] = None  # {"score", "step", "epoch"} of the best validation so far
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,33 +65,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def train_state(pos: Position, optimizer: torch.optim.Optimizer, scheduler: Any, skips: SkipCounter,
+                config: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """Everything besides the weights that a bitwise resume needs (the `train_state.pt` of a checkpoint)."""
+    return {
+        "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": rng_state(), "skips": skips.to_dict(),
+        "nonfinite_total": pos.nonfinite_total, "best": json.dumps(pos.best),
+        "config": json.dumps(config), "fingerprint": fingerprint,
+    }
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write `checkpoints/step_N` atomically; prune all but the newest `keep` (and `best`)."""
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 3,
+                    before_commit: Optional[SaveHook] = None) -> Path:
+    """Write `checkpoints/step_N` atomically, then prune all but the newest `keep` step directories (`keep` <= 0
+    keeps all; the best model is a model directory outside `checkpoints/`, never pruned)."""
     target = step_dir(root, step)
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "train_state.pt")
-        if os.environ.get(CRASH_IN_SAVE) == str(step):
-            _crash_mid_write(tmp / "train_state.pt")
+        if before_commit is not None:
+            before_commit(tmp, step)
         write_manifest(tmp)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _crash_mid_write(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def maybe_crash_after(step: int) -> None:
-    if os.environ.get(CRASH_AT_STEP) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -114,3 +130,31 @@ def latest_good(root: Path, model: torch.nn.Module) -> Optional[tuple[Path, dict
         except CheckpointError as e:
             log.warning("skipping unreadable/unchecked checkpoint %s: %s", path.name, e)
     return None
+
+
+def resume(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+           config: dict[str, Any], fingerprint: str, ignore_config: bool = False,
+           ) -> Optional[tuple[Path, Position, SkipCounter]]:
+    """Load the newest good checkpoint into the model, optimizer, scheduler and RNGs; returns its path, position
+    and skip counts, or None when there is none. A checkpoint of another config or other data is refused
+    (TrainingError) unless `ignore_config`."""
+    clean_stale(root)
+    found = latest_good(root, model)
+    if found is None:
+        log.warning("resume: no usable checkpoint in %s; starting from scratch", root)
+        return None
+    path, state = found
+    changed = config_changes(json.loads(state["config"]), config)
+    if state["fingerprint"] != fingerprint:
+        changed.append("training data (file list, captions, sizes or mtimes) changed")
+    if changed and not ignore_config:
+        raise TrainingError(f"refusing to resume from {path}: the run changed:\n  " + "\n  ".join(changed)
+                            + "\n(resume_ignore_config=True resumes anyway)")
+    if changed:
+        log.warning("resuming from %s although the run changed: %s", path, "; ".join(changed))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    pos = Position(state["step"], state["epoch"], state["batch_in_epoch"], state["nonfinite_total"],
+                   json.loads(state["best"]))
+    return path, pos, SkipCounter.from_dict(state["skips"])

