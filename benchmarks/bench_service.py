@@ -4,9 +4,13 @@ hammered by client threads for a fixed time, once per in-flight search cap (`max
 Hermetic: a synthetic index of --n random unit vectors (exact Flat, dim of the model) and a random `tiny`
 model. Traffic: 90 % valid (text queries, and image uploads) and 10 % malformed (k=10**9, empty q,
 k=ten, unknown parameter, corrupt image, TIFF, JSON body). Side probes during the run: a 1 MiB body
-must get 413, and --slow sockets stall mid-body. Reports the status histogram (connection errors
-counted apart), throughput, p50/p95/p99 of the 200s, server RSS/fds/threads before and after, and
-whether a fixed probe query returns the same ids before and after.
+must get 413, --slow sockets stall mid-body, and --half-open sockets hold one partial header line each,
+reopened as fast as the server sheds them (all from 127.0.0.1, the clients' own address). Reports the
+status histogram (connection errors counted apart), throughput, p50/p95/p99 of the 200s, server
+RSS/fds/threads before and after, and whether a fixed probe query returns the same ids before and after.
+After the load, the upload bomb (a ~150 KiB fully transparent 6300 x 6300 RGBA PNG): 4 at once (statuses,
+peak RSS growth, sampled every 10 ms) and 10 in a row (RSS change); once more on a server whose pixel cap
+is raised above the bomb (--raised-pixels), where the decode budget is what bounds memory.
 
     python benchmarks/bench_service.py                      # 100k x 256, 16 clients, 10 s, caps 4 and 64
     python benchmarks/bench_service.py --quick              # 20k vectors, 4 s
@@ -148,6 +152,75 @@ def client(port: int, stop: float, valid: list, malformed: list, seed: int, out:
         conn.close()
 
 
+def bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (6300, 6300), (0, 0, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _post_bomb(port: int, body: bytes, ctype: str) -> int | str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        return call(conn, ("POST", "/search", body, ctype))[0]
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__
+    finally:
+        conn.close()
+
+
+def bomb_probe(pid: int, port: int) -> dict:
+    """4 bombs at once (statuses, peak RSS growth) and 10 in a row (RSS after minus before), in MiB."""
+    body, ctype = _multipart(bomb_png())
+    rss = lambda: proc_stats(pid)["rss_mib"]  # noqa: E731
+    start, peak, stop = rss(), [0.0], threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], rss())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    statuses: list = []
+    threads = [threading.Thread(target=lambda: statuses.append(_post_bomb(port, body, ctype))) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    peak4 = round(max(peak[0], rss()) - start, 1)
+    row = [_post_bomb(port, body, ctype) for _ in range(10)]
+    stop.set()
+    watcher.join()
+    time.sleep(0.5)
+    hist = lambda xs: dict(sorted(collections.Counter(str(x) for x in xs).items()))  # noqa: E731
+    return {"bomb_4": hist(statuses), "bomb_4_peak_mib": peak4, "bomb_10": hist(row),
+            "bomb_10_rss_mib": round(rss() - start, 1)}
+
+
+PARTIAL = b"GET /search?q=x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+
+
+def half_open(port: int, n: int, stop: float, result: dict) -> None:
+    """Hold n sockets with one partial header line each until `stop`, reopening any the server closes."""
+    import select
+
+    def opened() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(PARTIAL)
+        return s
+    socks, reopened = [opened() for _ in range(n)], 0
+    while socks and time.perf_counter() < stop:
+        readable, _, _ = select.select(socks, [], [], 0.05)
+        for s in readable:
+            try:
+                alive = bool(s.recv(1, socket.MSG_PEEK))
+            except OSError:
+                alive = False
+            if not alive:
+                socks[socks.index(s)] = opened()
+                s.close()
+                reopened += 1
+    for s in socks:
+        s.close()
+    result["half_open_reopened"] = reopened
+
+
 def side_probes(port: int, n_slow: int, result: dict) -> None:
     """Mid-run: a 1 MiB body must get 413; `n_slow` sockets send 1 of 100 body bytes and stall."""
     time.sleep(1.0)
@@ -187,10 +260,13 @@ def run_one(index: Path, model: Path, cap: int, args: argparse.Namespace, tmp: P
         threads = [threading.Thread(target=client, args=(port, stop, valid, malformed, i, records))
                    for i in range(args.clients)]
         threads.append(threading.Thread(target=side_probes, args=(port, args.slow, probes)))
+        if args.half_open:
+            threads.append(threading.Thread(target=half_open, args=(port, args.half_open, stop, probes)))
         [t.start() for t in threads]
         [t.join() for t in threads]
         time.sleep(1.0)  # let closed connections settle before counting fds
         after, ids_after = proc_stats(proc.pid), probe_ids(port)
+        probes.update(bomb_probe(proc.pid, port))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -214,10 +290,31 @@ def summarize(cap: int, records: list, base: float, before: dict, after: dict, s
             "same_probe_ids": same_ids, **probes}
 
 
-def report(rows: list[dict], args: argparse.Namespace, dim: int) -> str:
+def raised_cap(index: Path, model: Path, args: argparse.Namespace, tmp: Path) -> dict:
+    """The bomb on an idle server whose pixel cap admits it: what the decode budget alone bounds."""
+    proc, port = start(index, model, tmp / "server_raised.log", max_pixels=args.raised_pixels,
+                       decode_memory=900 << 20, max_upload_bytes=UPLOAD_CAP)
+    try:
+        return {"max_pixels": args.raised_pixels, "rss_mib": proc_stats(proc.pid)["rss_mib"],
+                **bomb_probe(proc.pid, port)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = re.search(r"Model name:\s*(.+)", out)
+    flags = re.search(r"Flags:\s*(.+)", out)
+    wanted = [f for f in (flags.group(1).split() if flags else []) if f.startswith(("avx512f", "amx", "avx2"))]
+    return f"{model.group(1).strip() if model else platform.machine()} ({' '.join(wanted) or 'no avx2'})"
+
+
+def report(rows: list[dict], args: argparse.Namespace, dim: int, raised: dict) -> str:
     lines = [f"{args.n} x {dim} Flat index, tiny random model, {args.clients} clients x {args.seconds:g} s, "
-             f"90 % valid / 10 % malformed, {args.slow} stalled sockets, queue_timeout {args.queue_timeout:g} s; "
-             f"{platform.machine()}, {os.cpu_count()} CPUs", "",
+             f"90 % valid / 10 % malformed, {args.slow} stalled sockets, {args.half_open} half-open header "
+             f"sockets (reopened when shed), queue_timeout {args.queue_timeout:g} s; {cpu_model()}, "
+             f"{os.cpu_count()} CPUs", "",
              "| max_concurrency | statuses | 200/s | req/s | p50 ms | p95 ms | p99 ms | idle p50 ms "
              "| RSS MiB before→after | fds | 1 MiB body | stalled closed after | same probe ids |", "|" + "---|" * 13]
     for r in rows:
@@ -225,6 +322,11 @@ def report(rows: list[dict], args: argparse.Namespace, dim: int) -> str:
                      f"{r['p95_ms']} | {r['p99_ms']} | {r['baseline_ms']} | {r['rss_mib'][0]}→{r['rss_mib'][1]} | "
                      f"{r['fds'][0]}→{r['fds'][1]} | {r.get('1MiB_body')} | {r.get('slow_closed_after_s')} s | "
                      f"{r['same_probe_ids']} |")
+    lines += ["", "| max_concurrency | half-open reopened | bomb x4 at once | peak RSS growth MiB | bomb x10 in a row "
+              "| RSS change MiB |", "|" + "---|" * 6]
+    for r in rows + [dict(raised, cap=f"idle, max_pixels {raised['max_pixels']}")]:
+        lines.append(f"| {r['cap']} | {r.get('half_open_reopened', '-')} | {r['bomb_4']} | {r['bomb_4_peak_mib']} | "
+                     f"{r['bomb_10']} | {r['bomb_10_rss_mib']} |")
     return "\n".join(lines)
 
 
@@ -236,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caps", type=int, nargs="+", default=[4, 64], help="max_concurrency values to compare")
     p.add_argument("--queue-timeout", type=float, default=0.05, help="seconds a search may wait for a slot")
     p.add_argument("--slow", type=int, default=20, help="stalled sockets held during each run")
+    p.add_argument("--half-open", type=int, default=256, help="sockets holding a partial header line during each run")
+    p.add_argument("--raised-pixels", type=int, default=40_000_000, help="pixel cap of the bomb-only server run")
     p.add_argument("--quick", action="store_true", help="20k vectors, 4 s")
     args = p.parse_args(argv)
     if args.quick:
@@ -245,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         model, index, dim = build(Path(tmp), args.n)
         print(f"built model + {args.n}-vector index in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         rows = [run_one(index, model, cap, args, Path(tmp)) for cap in args.caps]
-    for r in rows:
+        raised = raised_cap(index, model, args, Path(tmp))
+    for r in rows + [raised]:
         print(json.dumps(r), file=sys.stderr)
-    print(report(rows, args, dim))
-    return 0 if all(r["malformed_not_4xx"] == r["5xx_not_503"] == 0 and r["same_probe_ids"] for r in rows) else 1
+    print(report(rows, args, dim, raised))
+    bounded = all(r["bomb_4_peak_mib"] < 600 and abs(r["bomb_10_rss_mib"]) < 100 for r in rows + [raised])
+    return 0 if bounded and all(r["malformed_not_4xx"] == r["5xx_not_503"] == 0 and r["same_probe_ids"]
+                                for r in rows) else 1
 
 
 if __name__ == "__main__":

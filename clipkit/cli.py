@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import ClipkitError
@@ -17,7 +18,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .app.demo import DemoConfig, run_demo
 
     fields = set(DemoConfig.__dataclass_fields__)
-    result = run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "styles" in options:
+        options["styles"] = tuple(options["styles"])
+    if options.get("holdout") == "none":
+        options["holdout"] = None
+    result = run_demo(DemoConfig(**options))
     print("\n" + result.headline())
     print(f"\ndone in {result.seconds / 60:.1f} min. Open {result.out / 'report.html'} in a browser; metrics in {result.out / 'metrics.json'}.")
     print(f"serve the index: clipkit serve --index {result.out / 'index'} --model {result.out / 'model'}")
@@ -47,13 +53,21 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from .data.datasets import build_emoji_dataset
 
-    summary = build_emoji_dataset(args.out, size=args.size, seed=args.seed, styles=args.styles, langs=args.langs,
-                                  progress=not args.quiet)
+    chosen = {k: v for k, v in (("styles", args.styles), ("holdout", args.holdout)) if v is not None}
+    if chosen.get("holdout") == "none":
+        chosen["holdout"] = None
+    summary = build_emoji_dataset(args.out, size=args.size, seed=args.seed, langs=args.langs, packs=args.packs,
+                                  progress=not args.quiet, **chosen)
     for split, n in summary.rows.items():
         print(f"{split:5s} {n:6d} rows, {summary.emoji[split]:5d} emoji")
+    for style, n in summary.images.items():
+        print(f"style {style}: {n} images from {summary.sources[style]['source']}"
+              + (f"; held out: all {summary.holdout_rows} rows in holdout.csv" if style == summary.holdout else ""))
     for style, reason in summary.skipped_styles.items():
         print(f"style {style} skipped: {reason}")
-    print(f"wrote {summary.total_rows} captioned rows to {summary.out} in {summary.seconds:.1f}s")
+    for note in summary.notes:
+        print(f"note: {note}")
+    print(f"wrote {summary.total_rows + summary.holdout_rows} captioned rows to {summary.out} in {summary.seconds:.1f}s")
     return 0
 
 
@@ -68,6 +82,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if "model_dir" in summary:
         print(f"trained {summary['steps']} steps; model saved to {summary['model_dir']}")
+    if "wise_ft" in summary:
+        print(f"\nWiSE-FT ({summary['wise_ft']['plot']}):\n" + Path(summary["wise_ft"]["table"]).read_text().rstrip())
     return 0
 
 
@@ -211,10 +227,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .app.service import run_server
     except ImportError as e:
         raise ClipkitError(f"the HTTP service is not available ({e})") from None
-    api_key = args.api_key or os.environ.get("CLIPKIT_API_KEY") or None
-    run_server(args.index, args.model, host=args.host, port=args.port, api_key=api_key,
-               on_ready=lambda url: print(f"listening on {url}", flush=True))
+    if args.api_key:
+        print("clipkit serve: warning: --api-key is visible to every user of this machine (ps); "
+              "prefer --api-key-file or $CLIPKIT_API_KEY", file=sys.stderr)
+    options = {name: value for name, value in (("result_columns", args.result_column),
+                                               ("image_roots", args.image_root), ("max_pixels", args.max_pixels))
+               if value is not None}
+    run_server(args.index, args.model, host=args.host, port=args.port, api_key=_api_key(args),
+               insecure_no_auth=args.insecure_no_auth, on_ready=lambda url: print(f"listening on {url}", flush=True),
+               **options)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> Optional[str]:
+    """The key from --api-key-file, --api-key or $CLIPKIT_API_KEY (in that order), else None."""
+    if args.api_key_file:
+        try:
+            key = open(args.api_key_file, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {e.strerror or e}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get("CLIPKIT_API_KEY") or None
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -255,7 +290,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--image", help="image file query")
     p.add_argument("-k", type=int, default=10, help="results to return (default 10)")
     p.add_argument("--rerank", type=int, default=0, metavar="R", help="re-score k*R candidates exactly")
-    p.add_argument("--filter", help='pandas expression over the metadata, e.g. \'style == "noto"\'')
+    p.add_argument("--filter", help='metadata filter: comparisons (== != < <= > >=), in [...], and/or/not, '
+                   'e.g. \'style == "noto" and year >= 2020\' (parsed, never run as code)')
     p.add_argument("--mmr", type=float, metavar="LAMBDA", help="diversify with maximal marginal relevance (0..1)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} as the HTTP service returns it')
     p.set_defaults(func=_cmd_search)
@@ -267,7 +303,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the model that embedded the collection")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", help="require this key (default: $CLIPKIT_API_KEY, else no key)")
+    p.add_argument("--api-key-file", help="require the key in this file (first line); keeps it out of ps")
+    p.add_argument("--api-key", help="require this key (visible in ps; default: $CLIPKIT_API_KEY, else no key)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without a key (only behind a proxy that authenticates)")
+    p.add_argument("--result-column", action="append", metavar="COLUMN",
+                   help="metadata column results carry (repeat; default: all but the file paths)")
+    p.add_argument("--image-root", action="append", metavar="DIR",
+                   help="folder thumbnails may come from (repeat; default: the folder holding all indexed images)")
+    p.add_argument("--max-pixels", type=int, help="largest decoded upload, in pixels (default: 64 x the model's "
+                   "image size squared, at least 1000000)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -288,10 +333,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build a built-in dataset (no download)")
     p.add_argument("name", choices=["emoji"], help="dataset to build")
-    p.add_argument("--out", required=True, help="output folder (train/val/test CSVs + images)")
+    p.add_argument("--out", required=True, help="output folder (train/val/test/holdout CSVs + images)")
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--styles", nargs="+", default=["openmoji", "noto"], help="art styles (fonts) to render")
+    p.add_argument("--styles", nargs="+", help="art styles to draw, each skipped with a reason when not installed "
+                   "(default: openmoji noto facebook joypixels fluent)")
+    p.add_argument("--holdout", help="art style written to holdout.csv instead of train/val/test, or 'none' "
+                   "(default: fluent)")
+    p.add_argument("--packs", help="folder of npm emoji packs (default $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/emoji-packs)")
     p.add_argument("--langs", nargs="+", default=["en", "ko"], help="caption languages")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_data)
@@ -301,9 +350,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune or train a CLIP model on image-caption pairs")
     p.add_argument("--train-data", required=True, help="table (CSV/TSV/parquet/JSONL) or folder of image+.txt pairs")
     p.add_argument("--val-data", help="validation table (retrieval, and zero-shot if it has a label column)")
-    p.add_argument("--model", default="tiny", help="preset name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
-    p.add_argument("--arch", help="preset for an OpenCLIP file's activation/preprocessing")
-    p.add_argument("--text-tower", help="text tower override for a preset: minilm or hf:/dir")
+    p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained), "
+                   "hf-hub:org/name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
+    p.add_argument("--pretrained", help="weights for a model name: an open_clip tag such as laion2b_s34b_b79k "
+                   "(fetched into the Hugging Face cache), or a weights file")
+    p.add_argument("--arch", help="the model name an OpenCLIP file's weights are (ViT-B-32 GELU, ViT-B-32-quickgelu)")
+    p.add_argument("--text-tower", help="text tower override for a preset: minilm, hf-hub:org/name or hf:/dir")
     p.add_argument("--output", required=True, help="run folder: checkpoints/, model/, metrics.jsonl, loss_curve.png")
     p.add_argument("--image-column", help="image column name (default: image)")
     p.add_argument("--caption-column", help="caption column name (default: caption)")
@@ -316,12 +368,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--loss", choices=["clip", "siglip"])
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--lock-image", action="store_true", default=None, help="freeze the image tower")
-    p.add_argument("--lock-text", action="store_true", default=None, help="freeze the text tower (its features are computed once)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
     p.add_argument("--grad-cache-chunk", type=int, help="gradient cache: embed the batch in chunks of this many rows")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--augment", action="store_true", default=None, help="random resized crops while training")
+    p.add_argument("--style-augment", action="store_true", default=None,
+                   help="style-robust augmentation: random background colour, colour jitter, grey-scale, blur, crops")
     p.add_argument("--no-image-cache", dest="cache_images", action="store_false", default=None,
                    help="decode images every epoch instead of once into a uint8 cache")
     p.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (default 200)")
@@ -329,15 +381,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", dest="num_workers", type=int, help="data loader worker processes")
     p.add_argument("--log-every", type=int)
     p.add_argument("--max-bad-fraction", type=float, help="abort when more than this fraction of images is unreadable")
-    p.add_argument("--wise-ft", type=float, help="WiSE-FT: mix initial and fine-tuned weights with this coefficient")
-    p.add_argument("--reference-data", help="WiSE-FT: table from the starting model's domain, evaluated for the trade-off")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")
     p.add_argument("--resume-ignore-config", action="store_true", default=None,
                    help="resume even though the config or the training data changed since the checkpoint")
     p.add_argument("--val-templates", help="validation zero-shot: file with one prompt template per line, each "
                    "containing {} (default: the library's templates)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar")
+    _add_finetune_flags(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    """Locking (open_clip's flags and layer-group counting), learning rates per layer group, WiSE-FT."""
+    p.add_argument("--lock-image", action="store_true", default=None, help="freeze the image tower (not its projection)")
+    p.add_argument("--lock-image-unlocked-groups", type=int, metavar="N",
+                   help="freeze the image tower but its last N layer groups, counted as open_clip counts them")
+    p.add_argument("--lock-image-freeze-bn-stats", action="store_true", default=None,
+                   help="BatchNorm layers in frozen groups keep their running statistics")
+    p.add_argument("--lock-text", action="store_true", default=None, help="freeze the text tower (its features are computed once)")
+    p.add_argument("--lock-text-unlocked-layers", type=int, metavar="N",
+                   help="freeze the text tower but its last N layer groups, counted as open_clip counts them")
+    p.add_argument("--lock-text-freeze-layer-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="LayerNorms of frozen text layers are frozen too (default: yes)")
+    p.add_argument("--lr-layer-decay", type=float, metavar="D",
+                   help="layer-wise lr decay: a tower's layer group k below its top trains at lr * D**k (default 1)")
+    p.add_argument("--proj-lr", type=float, help="lr of the projections and the logit scale (default: --lr)")
+    p.add_argument("--wise-ft", type=float, nargs="+", metavar="ALPHA",
+                   help="WiSE-FT sweep: evaluate (1 - ALPHA) * start + ALPHA * fine-tuned for each ALPHA (and 0, 1); "
+                   "writes wise_ft.md, wise_ft.png and wise_ft/alpha_ALPHA models")
+    p.add_argument("--reference-data", help="WiSE-FT: table from the starting model's domain, evaluated for the trade-off")
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
@@ -376,9 +448,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     p.add_argument("--seed", type=int)
     p.add_argument("--recipe", choices=["minilm", "scratch"], help="minilm: pretrained MiniLM text tower, locked (default)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 12)")
-    p.add_argument("--max-steps", type=int, help="stop training after this many steps")
+    p.add_argument("--max-steps", type=int, help="training steps (default 800, whatever the number of styles)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--styles", nargs="+", type=str, help="art styles to use (default: every one installed)")
+    p.add_argument("--holdout", help="art style never trained on, or 'none' (default fluent)")
+    p.add_argument("--packs", help="folder of npm emoji packs (default $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/emoji-packs)")
     p.add_argument("--limit", type=int, help="use only the first N emoji (quick runs)")
     p.add_argument("--rerank-prompts", type=int, help="prompts in the best-of-N task (default 100)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress output")
@@ -387,14 +461,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face CLIP dir or OpenCLIP/OpenAI file to clipkit (or clipkit to HF)")
-    p.add_argument("src", help="source: HF CLIP directory, OpenCLIP .pt/.bin/.safetensors file, or clipkit directory")
+    p.add_argument("src", help="source: HF CLIP directory, OpenCLIP .pt/.bin/.safetensors file, clipkit directory, "
+                   "or pretrained weights by name (hf-hub:org/name, ViT-B-32:laion2b_s34b_b79k)")
     p.add_argument("--from", dest="src_format", choices=["auto", "hf", "open_clip", "clipkit"], default="auto",
                    help="source format (detected from the path when 'auto')")
     p.add_argument("--to", choices=["clipkit", "hf"], default="clipkit", help="target format (default: clipkit)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--arch", default=None, help="preset whose activation/preprocessing an OpenCLIP file uses (e.g. ViT-B-32)")
+    p.add_argument("--arch", default=None, help="the model name an OpenCLIP file's weights are, in open_clip's naming: "
+                   "ViT-B-32 (GELU: LAION, DataComp) or ViT-B-32-quickgelu (QuickGELU: OpenAI)")
     p.add_argument("--quick-gelu", dest="quick_gelu", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the activation of an OpenCLIP file (OpenAI weights use QuickGELU)")
+                   help="the activation of an OpenCLIP file without --arch (OpenAI weights use QuickGELU)")
     p.add_argument("--trust-torchscript", action="store_true", help="allow loading TorchScript archives (executable code)")
     p.set_defaults(func=_cmd_convert)
 
@@ -404,11 +480,38 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_presets)
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .train.distill import DistillConfig, distill_text
+
+    fields = set(DistillConfig.__dataclass_fields__)
+    s = distill_text(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
+    print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({s['added_tokens']} tokens added); "
+          f"held-out distance to the teacher {s['held_out_distance_before']:.4f} -> {s['held_out_distance']:.4f}")
+    print(f"student model saved to {s['model_dir']}")
+    return 0
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill-text", help="teach a model's text tower other languages from parallel text "
+                       "(the image tower and every index built with it stay valid)")
+    p.add_argument("--model", required=True, help="teacher: a clipkit model directory")
+    p.add_argument("--parallel", required=True, help="TSV/CSV with columns en, text (and optional lang)")
+    p.add_argument("--out", dest="output", required=True, help="run folder: checkpoints/, model/, summary.json")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    p.add_argument("--english-fraction", type=float, help="share of each batch kept English -> English (default 0.25)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.set_defaults(func=_cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description="CLIP-style image-text embeddings: train, evaluate, search, score.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_data, _add_train, _add_eval, _add_score, _add_rerank, _add_convert, _add_presets,
-                _add_embed, _add_index, _add_search, _add_serve):
+    for add in (_add_demo, _add_data, _add_train, _add_distill, _add_eval, _add_score, _add_rerank, _add_convert,
+                _add_presets, _add_embed, _add_index, _add_search, _add_serve):
         add(sub)
     return parser
 
@@ -436,6 +539,20 @@ def _configure_logging() -> logging.Logger:
     return logger
 
 
+def _os_message(e: OSError) -> str:
+    if e.strerror is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+
+
+def _faiss_cause(e: RuntimeError) -> Optional[str]:
+    """The cause in a FAISS C++ error ("Error in faiss::... at FILE:LINE: Error: 'COND' failed: CAUSE"), else None."""
+    msg = str(e).strip()
+    if not (msg.startswith("Error in ") and "faiss" in msg):
+        return None
+    return msg.rsplit("failed: ", 1)[-1].splitlines()[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; returns the exit code (tests call this directly)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -444,8 +561,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with logging_redirect_tqdm(loggers=[_configure_logging()]):  # log lines print above progress bars
             return args.func(args)
-    except (ClipkitError, FileNotFoundError, ValueError) as e:
+    except (ClipkitError, ValueError) as e:
         print(f"clipkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a missing or unwritable path: one line, not a traceback
+        print(f"clipkit {args.command}: error: {_os_message(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if (cause := _faiss_cause(e)) is None:
+            raise
+        print(f"clipkit {args.command}: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

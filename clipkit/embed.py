@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import threading
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -30,7 +31,8 @@ class Embedder:
 
     `Embedder(path)` loads any format `clipkit.load` accepts; `Embedder(model, preprocess=..., tokenizer=...)`
     wraps a model already in memory. Failed images raise, or with `on_error="nan"` give a NaN row in
-    place (so rows never shift) and are listed in `self.failures` as `(index, ImageLoadError)`.
+    place (so rows never shift) and are listed in `self.failures` as `(index, ImageLoadError)`: the failures
+    of the calling thread's last `images()` call, so threads sharing one Embedder never see each other's.
     """
 
     def __init__(
@@ -55,7 +57,16 @@ class Embedder:
         self.model = self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.progress = progress
-        self.failures: list[tuple[int, ImageLoadError]] = []
+        self._calls = threading.local()  # per-thread record of the last images() call
+
+    @property
+    def failures(self) -> list[tuple[int, ImageLoadError]]:
+        """`(index, ImageLoadError)` of this thread's last `images(..., on_error="nan")` call."""
+        return getattr(self._calls, "failures", [])
+
+    @failures.setter
+    def failures(self, value: list[tuple[int, ImageLoadError]]) -> None:
+        self._calls.failures = value
 
     @property
     def dim(self) -> int:
@@ -82,18 +93,20 @@ class Embedder:
         """`[N, D]` image embeddings of paths, bytes or PIL images (row i is item i)."""
         if on_error not in ("raise", "nan"):
             raise ValueError("on_error must be 'raise' or 'nan'")
-        self.failures = []
+        failures: list[tuple[int, ImageLoadError]] = []
+        self.failures = failures  # this thread's record; other threads keep theirs
         out = np.full((len(items), self.dim), np.nan, np.float32)
         with self._bar(len(items), "embed images") as bar:
             for start in range(0, len(items), self.batch_size):
-                idx, pixels = self._load_batch(items, start, on_error)
+                idx, pixels = self._load_batch(items, start, on_error, failures)
                 if idx:
                     batch = torch.stack(pixels).to(self.device)
                     out[idx] = self.model.encode_image(batch).float().cpu().numpy()
                 bar.update(min(self.batch_size, len(items) - start))
         return out
 
-    def _load_batch(self, items: Sequence[ImageLike], start: int, on_error: str) -> tuple[list[int], list[torch.Tensor]]:
+    def _load_batch(self, items: Sequence[ImageLike], start: int, on_error: str,
+                    failures: list[tuple[int, ImageLoadError]]) -> tuple[list[int], list[torch.Tensor]]:
         idx, pixels = [], []
         for i in range(start, min(start + self.batch_size, len(items))):
             try:
@@ -102,7 +115,7 @@ class Embedder:
             except ImageLoadError as e:
                 if on_error == "raise":
                     raise
-                self.failures.append((i, e))
+                failures.append((i, e))
         return idx, pixels
 
 
@@ -113,5 +126,6 @@ def as_embedder(model: Union[str, os.PathLike, Embedder], *, resize_mode: Option
     embedder = model if isinstance(model, Embedder) else Embedder(model, **embedder_kw)
     if resize_mode is not None:
         embedder = copy.copy(embedder)  # never change the caller's embedder
+        embedder._calls = threading.local()
         embedder.preprocess = Preprocess(dataclasses.replace(embedder.preprocess.cfg, resize_mode=resize_mode))
     return embedder

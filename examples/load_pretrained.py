@@ -1,9 +1,11 @@
 """Load a CLIP checkpoint you have on disk (Hugging Face dir or OpenCLIP/OpenAI file), check it, save it as clipkit.
 
-    python examples/load_pretrained.py --open-clip laion.safetensors --arch ViT-B-32 --no-quick-gelu --out vit-b-32
+    python examples/load_pretrained.py --open-clip laion.safetensors --arch ViT-B-32 --out vit-b-32
+    python examples/load_pretrained.py --open-clip openai.pt --arch ViT-B-32-quickgelu --out vit-b-32-openai
     python examples/load_pretrained.py --hf clip-vit-base-patch32/ --out vit-b-32 --export-hf vit-b-32-hf
 
-OpenAI weights use QuickGELU (the ViT-B-32 default); OpenCLIP's LAION ViT-B-32 weights need --no-quick-gelu.
+`--arch` follows open_clip's naming: ViT-B-32 is GELU (LAION, DataComp weights), ViT-B-32-quickgelu is QuickGELU
+(OpenAI weights). Weights by name need no file: clipkit.load("ViT-B-32:laion2b_s34b_b79k") or "hf-hub:org/name".
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="a transformers CLIPModel directory (save_pretrained output)")
     src.add_argument("--open-clip", help="an OpenCLIP/OpenAI ViT state dict (.pt, .bin or .safetensors)")
-    p.add_argument("--arch", default="ViT-B-32", help="preset giving activation and preprocessing (--open-clip)")
-    p.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", default=None,
-                   help="GELU instead of the preset's QuickGELU (OpenCLIP's own ViT-B-32 weights)")
+    p.add_argument("--arch", help="the model name the weights are, e.g. ViT-B-32 or ViT-B-32-quickgelu (--open-clip)")
+    p.add_argument("--quick-gelu", dest="quick_gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="the activation, for a file without --arch (OpenAI weights use QuickGELU)")
     p.add_argument("--image", help="image for the sanity check (default: a drawn red circle)")
     p.add_argument("--out", required=True, help="where the clipkit model directory goes")
     p.add_argument("--export-hf", help="also export back to a transformers.CLIPModel directory here")

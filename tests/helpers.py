@@ -1,7 +1,9 @@
 """Plain functions the tests share (test data builders); fixtures that use them live in conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +67,108 @@ def random_image(seed: int, size: tuple[int, int] = (48, 40)):
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_repo(hf_home: Path, repo_id: str, files: dict, commit: str = HUB_COMMIT) -> Path:
+    """Lay out `repo_id` in the Hugging Face cache under `hf_home` as huggingface_hub does
+    (`hub/models--org--name/snapshots/<commit>/...` and `refs/main`); `files` maps names to `Path`s (copied) or
+    bytes/str (written). Returns the snapshot folder."""
+    root = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, content in files.items():
+        dst = snapshot / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, dst)
+        else:
+            dst.write_bytes(content.encode() if isinstance(content, str) else content)
+    return snapshot
+
+
+def offline_hub(monkeypatch, hf_home: Path) -> None:
+    """This process reads the Hugging Face cache under `hf_home` offline, as `HF_HOME=... HF_HUB_OFFLINE=1` would
+    make it (huggingface_hub reads those at import, so its constants are set too); any network connection
+    attempt fails the test."""
+    import socket
+
+    from huggingface_hub import constants
+
+    hub_dir = str(Path(hf_home) / "hub")
+    for key, value in (("HF_HOME", str(hf_home)), ("HF_HUB_CACHE", hub_dir), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", hub_dir)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a test opened a network connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+def offline_env(hf_home: Path) -> dict:
+    """The environment of a fresh process that reads the Hugging Face cache under `hf_home` offline; the hub
+    endpoint is a closed local port, so a request that escaped offline mode fails instead of downloading."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+            "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
 def run_script(code: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `code` (a plain program reading its inputs from sys.argv) in a fresh interpreter, text output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def make_emoji_packs(folder: Path, codes: list[str], names: list[str], version: str = "9.9.9") -> Path:
+    """Small npm emoji packs as `npm pack` writes them (NAME-VERSION.tgz, files under package/): a Noto-style
+    PNG pack named by code point and a Fluent-style SVG pack named by CLDR name, one coloured disc per emoji."""
+    import io
+    import json
+    import re
+    import tarfile
+
+    from PIL import Image, ImageDraw
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(f"package/{name}")
+        info.size, info.mtime = len(data), 0
+        tar.addfile(info, io.BytesIO(data))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for package, kind in (("emoji-datasource-google", "png"), ("fluentui-emoji", "svg")):
+        with tarfile.open(folder / f"{package}-{version}.tgz", "w:gz") as tar:
+            add(tar, "package.json", json.dumps({"name": package, "version": version, "license": "MIT"}).encode())
+            for i, (code, name) in enumerate(zip(codes, names)):
+                hue = (37 * i) % 256
+                if kind == "png":
+                    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+                    ImageDraw.Draw(img).ellipse((8, 8, 56, 56), fill=(hue, 255 - hue, 90, 255))
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    add(tar, f"img/google/64/{code}.png", buf.getvalue())
+                else:
+                    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect x="4" y="6" '
+                           f'width="24" height="20" rx="4" fill="rgb({hue},80,{255 - hue})"/></svg>')
+                    add(tar, f"icons/modern/{re.sub('[^a-z0-9]+', '-', name.lower()).strip('-')}.svg", svg.encode())
+    return folder
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """Mount a tmpfs of `size` (e.g. "1M") at `path` for a full-disk test; skips where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True) if os.geteuid() == 0 else None
+    if mounted is None or mounted.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() if mounted else 'not root'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -110,3 +110,23 @@ def test_errors_are_shown_as_text(page, site):
     page.wait_for_function("() => document.getElementById('message').className === 'error'")
     assert "unsupported image format SVG" in page.locator("#message").text_content()
     assert page.dialogs == []
+
+
+def test_upload_over_the_pixel_cap_is_shrunk_by_the_page(page, site, tmp_path):
+    """A 2000 x 1500 PNG is over this server's 1 M pixel cap (a direct POST gets 413); the page redraws it
+    under the cap before uploading, so the search still runs."""
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 2000, dtype=np.uint8)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.stack([np.tile(ramp, (1500, 1))] * 3, axis=-1)).save(big)
+    direct = httpx.post(site.url + "/search", files={"file": ("big.png", big.read_bytes(), "image/png")})
+    assert direct.status_code == 413
+    page.goto(site.url + "/")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('30 images')")
+    page.set_input_files("#file", str(big))
+    _all_thumbs_loaded(page)
+    assert page.locator("#message").get_attribute("class") != "error"
+    assert page.locator("#results figure").count() == 24 and page.js_errors == []

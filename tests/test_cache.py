@@ -97,3 +97,57 @@ def test_corrupt_cache_and_config_mismatch(tmp_path: Path, table: pd.DataFrame) 
     with pytest.raises(DataError, match="refusing to replace"):
         DecodedCache.build(table, CFG, tmp_path / "mine", num_workers=0, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ---- issue 11, item 12: a full disk while building the cache --------------------------------------
+
+_BUILD_CACHE = r"""
+import sys
+import pandas as pd
+from clipkit.data.cache import DecodedCache
+from clipkit.model.config import PreprocessConfig
+
+table = pd.DataFrame({"image": sys.argv[2:], "caption": "x"})
+try:
+    DecodedCache.build(table, PreprocessConfig(image_size=224), sys.argv[1], num_workers=0, progress=False)
+except OSError as e:
+    print(e.strerror, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def _images(tmp_path: Path, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"big{i}.png"
+        Image.effect_noise((240, 240), 30 + i).convert("RGB").save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_cache_on_a_full_tmpfs_fails_with_enospc_not_sigbus(tmp_path: Path) -> None:
+    """Before: the decoded pixels went into a sparse memmap; on a full tmpfs the process died of SIGBUS ("Bus
+    error") with no message and no cleanup. 10 images of 224 px need 1.5 MB; the tmpfs holds 1 MiB."""
+    from helpers import run_script, small_tmpfs
+
+    paths = _images(tmp_path, 10)
+    with small_tmpfs(tmp_path / "full", "1M") as mnt:
+        out = run_script(_BUILD_CACHE, mnt / "cache", *paths)
+        left = sorted(p.name for p in mnt.iterdir())
+    assert out.returncode == 3, f"exit {out.returncode} (-7 is SIGBUS): {out.stderr[-1500:]}"
+    need = 10 * 224 * 224 * 3
+    assert f"pixels.u8: not enough disk space: needs {need} bytes" in out.stderr and "Traceback" not in out.stderr
+    assert left == []  # the temporary folder is gone
+
+
+def test_cache_reserve_failure_is_reported_before_any_decoding(tmp_path: Path, table: pd.DataFrame,
+                                                               monkeypatch) -> None:
+    """Where no tmpfs can be mounted: the reservation itself fails (as posix_fallocate does on a full disk)."""
+    import errno
+
+    decoded = []
+    monkeypatch.setattr(os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(cache_mod, "make_loader", lambda *a, **k: decoded.append(1) or [])
+    with pytest.raises(OSError, match=r"pixels\.u8: not enough disk space: needs 6144 bytes"):
+        DecodedCache.build(table, CFG, tmp_path / "cache", num_workers=0, progress=False)
+    assert decoded == [] and not list(tmp_path.glob(".cache*")) and not (tmp_path / "cache").exists()

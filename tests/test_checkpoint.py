@@ -179,17 +179,31 @@ def test_open_clip_small_parity(tmp_path, quick_gelu: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kwargs", [("ViT-B-32", {"quick_gelu": False}), ("ViT-B-32-quickgelu", {})],
-                         ids=["ViT-B-32", "ViT-B-32-quickgelu"])
-def test_open_clip_vit_b_32_parity(tmp_path, name: str, kwargs: dict) -> None:
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu"])
+def test_open_clip_vit_b_32_parity(tmp_path, name: str) -> None:
+    """`arch` follows open_clip's naming: ViT-B-32 is GELU (the LAION weights), ViT-B-32-quickgelu QuickGELU."""
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
     oc = open_clip.create_model(name).eval()  # no `pretrained`: random init, nothing downloaded
     p = tmp_path / "vit_b_32.pt"
     torch.save(oc.state_dict(), p)
-    model, preprocess, tok = clipkit.load(p, arch="ViT-B-32", **kwargs)
+    model, preprocess, tok = clipkit.load(p, arch=name)
     assert preprocess.cfg.image_size == 224
     _open_clip_check(oc, model, tok, 224)
+
+
+def test_open_clip_file_needs_its_model_name_or_activation(tmp_path) -> None:
+    """A state dict does not record GELU vs QuickGELU (2e-3 apart in the embeddings): without `arch` or
+    `quick_gelu` it is a one-line error naming both conventions; an `arch` of other shapes is refused too."""
+    p = tmp_path / "oc.pt"
+    torch.save(_open_clip_tiny(False).state_dict(), p)
+    with pytest.raises(CheckpointError) as e:
+        clipkit.load(p)
+    msg = str(e.value)
+    assert "\n" not in msg and "ViT-B-32-quickgelu" in msg and "quick_gelu" in msg and str(p) in msg
+    with pytest.raises(CheckpointError, match="not a ViT-B-32 .*layers 2 vs 12") as e:
+        clipkit.load(p, arch="ViT-B-32")
+    assert "\n" not in str(e.value)
 
 
 def test_open_clip_training_checkpoint_loads(tmp_path) -> None:
@@ -555,3 +569,18 @@ def test_save_failing_midway_keeps_old_dir(tiny_model_and_tokenizer, saved_tiny_
     x = pixels(64)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+
+
+def test_fingerprint_is_the_models_not_its_files(hf_clip_dir, tmp_path) -> None:
+    """One model, one id: the HF directory and its clipkit conversion agree, and a config field a newer clipkit
+    adds (default value) does not change it; other weights do."""
+    hf_model, _, _ = clipkit.load(hf_clip_dir(257))
+    converted = clipkit.save(hf_model, clipkit.load(hf_clip_dir(257))[2], tmp_path / "ck")
+    native, _, _ = clipkit.load(converted)
+    assert hf_model.fingerprint() == native.fingerprint()
+    cfg = json.loads((converted / "config.json").read_text())
+    cfg["preprocess"]["jpeg_draft"] = True  # explicit default: same model
+    assert ckpt.build(clipkit.ModelConfig.from_dict(cfg), native.state_dict()).fingerprint() == native.fingerprint()
+    with torch.no_grad():
+        native.logit_scale += 1
+    assert native.fingerprint() != hf_model.fingerprint()

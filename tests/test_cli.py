@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import clipkit
 from clipkit.cli import build_parser, main
+from helpers import make_emoji_packs
 
 
 def test_every_command_has_help(capsys):
@@ -22,26 +24,52 @@ def test_every_command_has_help(capsys):
 
 
 def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
+    """Two art styles trained on (OpenMoji, and Noto from an npm pack made here), one held out (a Fluent pack)."""
+    from clipkit.data.datasets.emoji import catalog
+
+    items = catalog.load_emoji(40)
+    packs = make_emoji_packs(tmp_path / "packs", [e.code for e in items], [catalog.cldr_entry(e)["en"] for e in items])
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--limit", "40", "--max-steps", "2", "--batch-size", "8",
-                 "--rerank-prompts", "3", "--quiet"]) == 0
+                 "--rerank-prompts", "3", "--styles", "openmoji", "noto", "fluent", "--packs", str(packs),
+                 "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "zero-shot top-1 (subcategory)" in printed and "clipkit serve --index" in printed
-    for name in ("data/train.csv", "model/model.safetensors", "index/index.faiss", "metrics.json", "report.html",
-                 "search_text.png", "search_image.png", "few_shot.png"):
+    assert "| unseen emoji | seen styles | chance | unseen style (fluent) | chance |" in printed
+    assert "text->image R@1, plain English names" in printed and "clipkit serve --index" in printed
+    for name in ("data/train.csv", "data/holdout.csv", "model/model.safetensors", "index/index.faiss", "metrics.json",
+                 "report.html", "search_text.png", "search_image.png", "few_shot.png"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["zeroshot/top1"] <= 1.0 and metrics["zeroshot/chance_top1"] > 0
-    templates = json.loads((out / "run" / "train_config.json").read_text())["val_templates"]
+    for scope in ("test", "style_test"):  # each query set, measured on the seen styles and on the unseen one
+        for query in ("name_en", "template_en", "name_ko"):
+            assert 0.0 <= metrics[f"{scope}_{query}/text_to_image_R@1"] <= 1.0, (scope, query)
+    assert metrics["style_zeroshot/num_samples"] == 40 > metrics["style_test_zeroshot/num_samples"] > 0
+    assert metrics["data/holdout"] == "fluent" and metrics["data/styles"] == "openmoji,noto,fluent"
+    config = json.loads((out / "run" / "train_config.json").read_text())
+    templates = config["val_templates"]
     assert metrics["zeroshot/num_templates"] == len(templates) == 5 and "an emoji of {}." in templates  # the dataset's
-    assert metrics["index/count"] > 0 and metrics["train/steps"] == 2
+    assert config["style_augment"] and config["max_steps"] == 2
+    trained = {line.split(",")[0].split("/")[1] for line in (out / "data" / "train.csv").read_text().splitlines()[1:]}
+    assert trained == {"openmoji", "noto"}  # the held-out style is never trained on
+    assert metrics["index/count"] == 3 * 40 and metrics["train/steps"] == 2
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "Zero-shot subcategory labelling" in page
+    assert "data:image/png;base64," in page and "Unseen art style" in page
     model, _, tok = clipkit.load(out / "model")  # the demo's model is a normal clipkit directory
     assert model.encode_text(tok(["a red apple"])).shape[0] == 1
     from clipkit.search import open_search
 
     assert open_search(out / "index", out / "model")[2] == []  # the index knows the model by its fingerprint
+
+
+def test_demo_headline_without_a_held_out_style():
+    """OpenMoji alone (no npm, no font): the unseen-style column says n/a instead of a number."""
+    from clipkit.app.demo import DemoResult
+
+    metrics = {"zeroshot/top1": 0.25, "zeroshot/chance_top1": 0.0125, "data/holdout": ""}
+    lines = DemoResult(Path("demo"), metrics, 1.0).headline().splitlines()
+    assert lines[0] == "| unseen emoji | seen styles | chance | unseen style (none installed) | chance |"
+    assert lines[2] == "| zero-shot subcategory top-1 | 0.2500 | 0.0125 | n/a | n/a |"
 
 
 def test_convert_bad_path_is_one_line_error(tmp_path, capsys):

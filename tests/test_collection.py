@@ -276,3 +276,29 @@ def test_ondisk_factory_rules():
     for kind in ("PQ8", "flat", "hnsw"):
         with pytest.raises(ValueError, match="IVF"):
             col.ondisk_factory(kind, 1000, 64)
+
+
+# ---- issue 11, item 12: the on-disk IVF build on a full disk --------------------------------------
+
+_INDEX_CLI = "import sys; from clipkit.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("size,what", [("512k", "vectors.npy: not enough disk space: needs 1024128 bytes"),
+                                       ("1200k", "write error in"),
+                                       ("2200k", "lists.ivfdata: not enough disk space: needs 1055736 bytes")],
+                         ids=["vectors-memmap", "faiss-write", "faiss-lists-mmap"])
+def test_ondisk_build_on_a_full_tmpfs_is_a_one_line_error(tmp_path, size, what):
+    """Before: the vectors memmap and FAISS's list file (sized by truncate, written through mmap) were sparse, so
+    on a full tmpfs `clipkit index build --on-disk` died of SIGBUS (512k, 2200k) with its temp folder left
+    behind, and a failed FAISS write printed a C++ traceback (1200k)."""
+    from helpers import small_tmpfs
+
+    write_fake_collection(tmp_path / "emb", n=4000, d=64, size=1000, bad=(7,))  # vectors.npy: 1 MB
+    with small_tmpfs(tmp_path / "full", size) as mnt:
+        out = run_script(_INDEX_CLI, "index", "build", "--embeddings", tmp_path / "emb", "--out", mnt / "idx",
+                         "--on-disk", "--kind", "IVF16,Flat", "--quiet")
+        left = sorted(p.name for p in mnt.iterdir())
+    err = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, f"exit {out.returncode} (-7 is SIGBUS): {out.stderr[-1500:]}"
+    assert len(err) == 1 and err[0].startswith("clipkit index: error: ") and "(No space left on device)" in err[0], err
+    assert what in err[0] and left == []

@@ -1,6 +1,8 @@
 """Embedder: batched float32 unit-norm rows equal to the model's own encode_*, and failed images kept in place."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,34 @@ def test_embedder_nan_row_for_corrupt_image(in_memory, image_files, tmp_path) ->
     assert "corrupt.png" in str(raised.value)
     with pytest.raises(ValueError):
         e.images(items, on_error="skip")
+
+
+def test_failures_are_per_thread(in_memory, image_files, tmp_path) -> None:
+    """Two threads share one Embedder: a call in thread B in the middle of thread A's call must not
+    replace or mix A's failure record (the old shared `self.failures` list was reset by every call)."""
+    model, preprocess, tok = in_memory
+    bad_a, bad_b = tmp_path / "bad_a.png", tmp_path / "bad_b.png"
+    for bad in (bad_a, bad_b):
+        bad.write_bytes(image_files[0].read_bytes()[:60])
+    gate, paused, resume = str(image_files[1]), threading.Event(), threading.Event()
+
+    def gated(item):  # A stops here, after its failure was recorded, until B is done
+        if item == gate:
+            paused.set()
+            assert resume.wait(30)
+        return preprocess(item)
+    e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=1, progress=False)
+    e.preprocess = gated
+    seen = {}
+
+    def thread_a() -> None:
+        e.images([bad_a, gate], on_error="nan")
+        seen["a"] = [(i, err.source) for i, err in e.failures]
+    a = threading.Thread(target=thread_a)
+    a.start()
+    assert paused.wait(30)
+    e.images([image_files[2], bad_b, image_files[3]], on_error="nan")
+    seen["b"] = [(i, err.source) for i, err in e.failures]
+    resume.set()
+    a.join(30)
+    assert seen == {"a": [(0, str(bad_a))], "b": [(1, str(bad_b))]}

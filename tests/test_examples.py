@@ -175,3 +175,29 @@ def test_load_pretrained_hf_and_export(shapes, hf_clip_dir, tmp_path) -> None:
         out = hf.get_image_features(pixel_values=x)  # transformers 5: an output object, features in pooler_output
         exported = torch.nn.functional.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
         np.testing.assert_allclose(exported, source.encode_image(x), atol=1e-5)
+
+
+def test_finetune_pretrained_from_an_offline_hub_cache(shapes, tmp_path, monkeypatch, capsys) -> None:
+    """The pretrained starting point comes by name from a Hugging Face cache (a tiny random CLIP, offline)."""
+    from helpers import hub_repo, make_hf_clip, offline_hub, small_clip_tokenizer
+
+    src, home = tmp_path / "src", tmp_path / "hf_home"
+    make_hf_clip(257).save_pretrained(str(src))
+    small_clip_tokenizer().save_pretrained(str(src))
+    hub_repo(home, "clipkit-test/tiny-clip", {p.name: p for p in src.iterdir()})
+    offline_hub(monkeypatch, home)
+    reference = shapes / "reference.csv"
+    rows = [f"images/{c}_{s}.png,a {c} {s},{s}" for c in COLOURS for s in SHAPES]
+    reference.write_text("image,caption,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert run_example("finetune_pretrained", "--model", "hf-hub:clipkit-test/tiny-clip", "--train",
+                       shapes / "train.csv", "--val", shapes / "val.csv", "--reference", reference, "--out", out,
+                       "--max-steps", 2, "--batch-size", 4, "--lr", 1e-3, "--wise-ft", 0.5) == 0
+    printed = capsys.readouterr().out
+    assert "alpha 0 " in printed and "alpha 0.5 " in printed and "alpha 1 " in printed
+    assert (out / "wise_ft.png").exists() and (out / "wise_ft" / "alpha_0.5" / "model.safetensors").exists()
+    start, _, _ = clipkit.load("hf-hub:clipkit-test/tiny-clip")
+    tuned, _, _ = clipkit.load(out / "model")
+    a, b = start.state_dict(), tuned.state_dict()
+    assert torch.equal(a["visual.blocks.0.attn.qkv.weight"], b["visual.blocks.0.attn.qkv.weight"])  # locked
+    assert not torch.equal(a["visual.blocks.1.attn.qkv.weight"], b["visual.blocks.1.attn.qkv.weight"])

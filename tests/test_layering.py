@@ -12,14 +12,14 @@ PKG = Path(__file__).resolve().parents[1] / "clipkit"
 PACKAGES = [("errors",), ("fileio",), ("model",), ("formats", "data"), ("embed",), ("report",),
             ("evaluate", "search"), ("train",), ("app",), ("cli",)]
 MODULES = {  # inside each subpackage, the same rule over its modules
-    "model": [("config",), ("transforms", "tokenizer"), ("towers",), ("clip",), ("factory",)],
-    "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("auto",)],
-    "data": [("tables",), ("samples",), ("shards", "cache", "datasets")],
+    "model": [("config",), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
+    "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("hub",), ("auto",), ("pretrained",)],
+    "data": [("tables", "augment"), ("samples",), ("shards", "cache", "datasets")],
     "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],
-    "search": [("io", "exact"), ("build",), ("index",), ("collection",)],
+    "search": [("io", "exact", "filters"), ("build",), ("index",), ("collection",)],
     "report": [("page", "plots")],
-    "train": [("config", "losses"), ("runstate", "setup"), ("validation",), ("trainer",)],
-    "app": [("demo", "service")],
+    "train": [("config", "losses"), ("runstate", "setup"), ("validation",), ("trainer",), ("distill",)],
+    "app": [("guard", "connections", "files"), ("uploads",), ("demo", "service")],
 }
 
 

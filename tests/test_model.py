@@ -20,8 +20,47 @@ CAPTIONS = ["a red apple", "two dogs playing in the snow", "x"]
 LONG = "a very long caption " * 40  # longer than every preset's context
 
 
-def test_presets_are_all_covered() -> None:
-    assert sorted(p.values[0] for p in PRESETS) == clipkit.list_presets()
+def test_presets_are_clipkits_own_and_open_clips_clip_vits() -> None:
+    """clipkit's own presets are all tested here; open_clip's CLIP ViT names come beside them, in its naming."""
+    from clipkit.model.config import PRESETS as OWN
+
+    names = clipkit.list_presets()
+    assert sorted(OWN) == FAST_PRESETS and {p.values[0] for p in PRESETS} <= set(names)
+    assert {"ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-bigG-14"} <= set(names)
+    assert not any(n.startswith(("RN", "coca", "convnext", "EVA")) for n in names)  # towers clipkit does not build
+
+
+def test_clip_vit_mlp_width_survives_float_rounding() -> None:
+    """timm builds int(width * mlp_ratio) units, and 392 / 88 * 88 is 391.99...: the ratio must survive that."""
+    from clipkit.model.config import get_preset, vision_kwargs
+
+    assert int(88 * (392 / 88)) == 391  # the trap
+    kw = vision_kwargs(88, 1, 1, 392, 32, 8, "gelu")
+    assert int(kw["embed_dim"] * kw["mlp_ratio"]) == 392
+    g = get_preset("ViT-g-14").vision.timm_kwargs
+    assert int(g["embed_dim"] * g["mlp_ratio"]) == 6144 and g["num_heads"] == 16  # head width 88
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16-plus-240", "ViT-S-32-alt",
+                                  pytest.param("ViT-H-14", marks=pytest.mark.slow),
+                                  pytest.param("ViT-g-14", marks=pytest.mark.slow)])
+def test_open_clip_names_build_open_clips_architecture(name: str) -> None:
+    """Same parameter shapes (through the converter's renames), heads and activation as open_clip's model of the
+    name: ViT-B-32 is GELU, ViT-B-32-quickgelu QuickGELU, ViT-H-14's heads are 80 wide, ViT-g-14's MLP 4.36x."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipkit.formats.openclip import state_from_openclip
+
+    oc = open_clip.create_model(name, device="meta")  # shapes only: nothing is allocated
+    with torch.device("meta"):
+        ours = clipkit.create_model(name, device="meta")
+    theirs = {k: tuple(v.shape) for k, v in state_from_openclip(oc.state_dict()).items()}
+    assert theirs == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours.visual.blocks[0].attn.num_heads == oc.visual.transformer.resblocks[0].attn.num_heads
+    assert ours.text.config.num_attention_heads == oc.transformer.resblocks[0].attn.num_heads
+    quick = name.endswith("quickgelu")
+    assert type(ours.visual.blocks[0].mlp.act).__name__ == type(oc.visual.transformer.resblocks[0].mlp.gelu).__name__
+    assert ours.text.config.hidden_act == ("quick_gelu" if quick else "gelu")
+    assert ours.config.preprocess.image_size == oc.visual.image_size[0]
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +258,104 @@ def test_missing_openai_bpe_is_an_error_not_a_byte_level_stand_in(monkeypatch) -
             get_tokenizer("ViT-B-32")
     tokmod._openai_bpe.cache_clear()
     assert get_tokenizer("ViT-B-32").vocab_size == 49408  # with the package back, the real BPE
+
+
+# ---------------------------------------------------------------------------------------- partial locking
+
+
+def _small_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return open_clip.model.CLIP(32, CLIPVisionCfg(layers=3, width=64, patch_size=8, image_size=32),
+                                CLIPTextCfg(context_length=16, vocab_size=300, width=64, heads=1, layers=3))
+
+
+def _clipkit_of(oc) -> clipkit.CLIPModel:
+    from clipkit.formats.openclip import config_from_openclip
+
+    return clipkit.CLIPModel(config_from_openclip(oc.state_dict(), quick_gelu=False))
+
+
+def _open_clip_trainable(oc) -> dict[str, bool]:
+    """open_clip's requires_grad flags under clipkit's parameter names (through the converter's renames)."""
+    from clipkit.formats.openclip import state_from_openclip
+
+    flags = state_from_openclip({k: torch.full_like(p, float(p.requires_grad)) for k, p in oc.named_parameters()})
+    assert all(bool(f.all()) or not f.any() for f in flags.values())  # a tensor is frozen whole or not at all
+    return {k: bool(f.all()) for k, f in flags.items()}
+
+
+@pytest.mark.parametrize("unlocked", [None, 0, 1, 2, 3, 4, 5, 6])
+def test_image_lock_groups_match_open_clip(unlocked) -> None:
+    """N counts as open_clip's VisionTransformer.lock counts: [embeddings + pre-norm], blocks, [last block + final
+    norm], projection. No N (clipkit's LiT default) is open_clip's N=1: the tower frozen, the projection trains."""
+    oc = _small_open_clip()
+    oc.lock_image_tower(unlocked_groups=1 if unlocked is None else unlocked)
+    ours = _clipkit_of(oc)
+    ours.lock_image_tower(unlocked)
+    want = {k: v for k, v in _open_clip_trainable(oc).items() if k.startswith("visual")}
+    assert want == {k: p.requires_grad for k, p in ours.named_parameters() if k.startswith("visual")}
+    assert any(want.values()) == (unlocked != 0)
+    assert ("image" in ours.locked) == (unlocked in (None, 0, 1))  # frozen whole: kept in eval mode
+
+
+@pytest.mark.parametrize("unlocked", [None, 0, 1, 2, 3, 5])
+def test_text_lock_groups_match_open_clip(unlocked) -> None:
+    oc = _small_open_clip()
+    oc.lock_text_tower(unlocked_layers=1 if unlocked is None else unlocked)
+    ours = _clipkit_of(oc)
+    ours.lock_text_tower(unlocked)
+    want = {k: v for k, v in _open_clip_trainable(oc).items() if k.startswith("text")}
+    assert want == {k: p.requires_grad for k, p in ours.named_parameters() if k.startswith("text")}
+
+
+@pytest.mark.parametrize("unlocked", [0, 1, 2, 4])
+def test_timm_tower_lock_groups_and_bn_stats_match_open_clip(unlocked) -> None:
+    """timm towers: timm's layer groups and open_clip's TimmModel.lock (the projection always trains); BatchNorm
+    layers of frozen groups keep their statistics (open_clip swaps them for FrozenBatchNorm2d)."""
+    pytest.importorskip("open_clip")
+    from open_clip.timm_model import TimmModel
+    from torchvision.ops.misc import FrozenBatchNorm2d  # what open_clip swaps BatchNorm for
+
+    torch.manual_seed(0)
+    theirs = TimmModel("test_resnet", embed_dim=32, image_size=160)
+    theirs.lock(unlocked_groups=unlocked, freeze_bn_stats=True)
+    ours = clipkit.create_model("tiny", image_tower="test_resnet")
+    ours.lock_image_tower(unlocked, freeze_bn_stats=True)
+    want = {n: p.requires_grad for n, p in theirs.trunk.named_parameters()}  # FrozenBatchNorm2d holds buffers:
+    assert {n: want.get(n, False) for n, _ in ours.visual.named_parameters()} == {  # frozen, like ours
+        n: p.requires_grad for n, p in ours.visual.named_parameters()}
+    frozen_bn = {n for n, m in theirs.trunk.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert frozen_bn == {n.removeprefix("visual.") for n in ours.frozen_stats} and (frozen_bn or unlocked == 0)
+    ours.train()
+    x = torch.randn(4, 3, 64, 64)
+    before = {n: m.running_mean.clone() for n, m in ours.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    ours.encode_image(x)
+    for n, m in ours.visual.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # frozen groups' statistics stay; the trainable ones move
+            assert torch.equal(m.running_mean, before[n]) == (n in frozen_bn or "image" in ours.locked), n
+
+
+@pytest.mark.parametrize("unlocked", [0, 2, 7])
+@pytest.mark.parametrize("freeze_layer_norm", [True, False])
+def test_hf_text_lock_layers_match_open_clip(unlocked: int, freeze_layer_norm: bool, monkeypatch) -> None:
+    """Transformers text towers: [embeddings, *layers] as open_clip's HFTextEncoder.lock counts them, LayerNorms of
+    frozen layers frozen or not; the projection always trains. open_clip's table lacks BERT's attribute names (its
+    partial lock raises KeyError for BERT), so the test gives it BERT's real ones, the same as RoBERTa's."""
+    pytest.importorskip("open_clip")
+    from open_clip.hf_configs import arch_dict
+    from open_clip.hf_model import HFTextEncoder
+
+    names = arch_dict["bert"]["config_names"]
+    monkeypatch.setitem(names, "layer_attr", "layer")
+    monkeypatch.setitem(names, "token_embeddings_attr", "embeddings")
+
+    theirs = HFTextEncoder(minilm_dir(), output_dim=32, pooler_type="mean_pooler", proj_type="linear", pretrained=False)
+    theirs.lock(unlocked_layers=unlocked, freeze_layer_norm=freeze_layer_norm)
+    ours = clipkit.create_model("tiny-minilm")
+    ours.lock_text_tower(unlocked, freeze_layer_norm=freeze_layer_norm)
+    mine = {n.removeprefix("text."): p.requires_grad for n, p in ours.named_parameters() if n.startswith("text.")}
+    want = {n.removeprefix("transformer."): p.requires_grad for n, p in theirs.named_parameters()
+            if n.startswith("transformer.") and n.removeprefix("transformer.") in mine}
+    assert want == mine and ours.text_proj.weight.requires_grad

@@ -522,3 +522,52 @@ def test_sigkill_during_index_write_keeps_previous_index(copy):
     assert out.returncode == -9 and "writing index" in out.stdout, out.stderr
     back = SearchIndex.load(copy)
     assert back.index.ntotal == 1000 and len(back.metadata) == 1000
+
+
+# ---- threads: searches while another thread edits (issue 11, item 15) ----------------------------
+
+EDIT_RACE = r'''
+import json, sys, threading
+import numpy as np, pandas as pd
+from clipkit.search.index import SearchIndex
+
+kind, rounds = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+x = unit(rng.standard_normal((2000, 32)))
+ix = SearchIndex.build(x, pd.DataFrame({"name": [f"r{i}" for i in range(2000)], "group": np.arange(2000) % 5}),
+                       kind=kind)
+q, errors, stop = x[:8].copy(), [], threading.Event()
+
+def searcher():
+    while not stop.is_set():
+        try:
+            scores, ids = ix.search(q, 20, rerank=2, filter="group >= 0")
+            for row in ix.results(scores, ids):
+                assert all(hit["name"] == f"r{hit['id']}" for hit in row), row[:3]
+        except Exception as e:
+            errors.append(repr(e)[:300])
+            return
+
+threads = [threading.Thread(target=searcher) for _ in range(3)]
+[t.start() for t in threads]
+for _ in range(rounds):  # append rows (their metadata names their ids), then tombstone a few
+    start = len(ix.metadata)
+    new = ix.add(unit(rng.standard_normal((50, 32))),
+                 pd.DataFrame({"name": [f"r{i}" for i in range(start, start + 50)], "group": 1}))
+    ix.remove(new[:5])
+stop.set()
+[t.join() for t in threads]
+print(json.dumps({"errors": errors, "rows": len(ix.metadata), "live": len(ix)}))
+'''
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_add_remove_while_searching_in_threads(kind):
+    """Real threads: 3 search (with rerank, a filter and results()) while one adds and removes rows. In a
+    subprocess, so a crash inside FAISS reads as a failure, not a dead test run."""
+    rounds = 100
+    out = run_script(EDIT_RACE, kind, rounds, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report == {"errors": [], "rows": 2000 + rounds * 50, "live": 2000 + rounds * 45}, report

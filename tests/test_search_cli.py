@@ -118,6 +118,14 @@ def test_search_filter_rerank_mmr(built, capsys):
     assert len(json.loads(capsys.readouterr().out)["results"]) == 3
 
 
+def test_filter_cannot_run_commands(built, tmp_path, capsys):
+    """The old `DataFrame.eval` filter ran this payload (`pd` was in scope); the grammar refuses it."""
+    sentinel = tmp_path / "owned"
+    for attack in (f'@pd.io.common.os.system("touch {sentinel}") == 0', f'@os.system("touch {sentinel}") == 0'):
+        one_line_error(capsys, search(built, "--text", "x", "--filter", attack), "invalid filter at position 0")
+    assert not sentinel.exists()
+
+
 def test_on_disk_index_from_the_cli(built, tmp_path, table, capsys):
     argv = ["index", "build", "--embeddings", str(built["emb"]), "--out", str(tmp_path / "od"), "--on-disk",
             "--memory-budget", "1GB", "--quiet"]
@@ -133,7 +141,8 @@ def test_bad_input_is_a_one_line_error(built, tmp_path, capsys):
     one_line_error(capsys, ["search", "--index", str(tmp_path / "nope"), "--model", str(built["model"]),
                             "--text", "x"], "not an index directory")
     one_line_error(capsys, search(built, "--image", str(tmp_path / "nope.png")), "missing")
-    one_line_error(capsys, search(built, "--text", "x", "--filter", "nosuchcolumn == 1"), "invalid filter")
+    one_line_error(capsys, search(built, "--text", "x", "--filter", "nosuchcolumn == 1"), "no column 'nosuchcolumn'")
+    one_line_error(capsys, search(built, "--text", "x", "--filter", "style = 'noto'"), "invalid filter at position 6")
     one_line_error(capsys, ["embed", "--model", str(built["model"]), "--images", str(tmp_path / "nope"),
                             "--out", str(tmp_path / "e")], "no such folder or table")
     one_line_error(capsys, ["index", "build", "--embeddings", str(tmp_path), "--out", str(tmp_path / "i")],
@@ -172,5 +181,33 @@ def test_serve_hands_its_arguments_to_the_service(monkeypatch):
     assert main(["serve", "--index", "i", "--model", "m", "--host", "0.0.0.0", "--api-key", "k"]) == 0
     for _, kw in calls:
         assert callable(kw.pop("on_ready"))  # the CLI prints the URL; the library does not
-    assert calls == [(("i", "m"), {"host": "127.0.0.1", "port": 0, "api_key": "from-env"}),
-                     (("i", "m"), {"host": "0.0.0.0", "port": 8000, "api_key": "k"})]
+    base = {"insecure_no_auth": False}
+    assert calls == [(("i", "m"), {"host": "127.0.0.1", "port": 0, "api_key": "from-env", **base}),
+                     (("i", "m"), {"host": "0.0.0.0", "port": 8000, "api_key": "k", **base})]
+
+
+def test_serve_key_from_a_file_and_the_options(monkeypatch, tmp_path, capsys):
+    calls = []
+    fake = types.ModuleType("clipkit.app.service")
+    fake.run_server = lambda *a, **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "clipkit.app.service", fake)
+    monkeypatch.setenv("CLIPKIT_API_KEY", "from-env")
+    (tmp_path / "key").write_text("from-file\n")
+    argv = ["serve", "--index", "i", "--model", "m", "--api-key-file", str(tmp_path / "key"), "--result-column",
+            "caption", "--result-column", "style", "--image-root", "/data", "--max-pixels", "5000000"]
+    assert main(argv) == 0 and capsys.readouterr().err == ""
+    assert {k: calls[0][k] for k in ("api_key", "result_columns", "image_roots", "max_pixels")} == {
+        "api_key": "from-file", "result_columns": ["caption", "style"], "image_roots": ["/data"],
+        "max_pixels": 5_000_000}
+    assert main(["serve", "--index", "i", "--model", "m", "--api-key", "k"]) == 0
+    assert "visible to every user of this machine" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    one_line_error(capsys, ["serve", "--index", "i", "--model", "m", "--api-key-file", str(tmp_path / "empty")],
+                   "is empty")
+
+
+def test_serve_refuses_a_public_address_without_a_key(capsys, monkeypatch):
+    """The real run_server: refused before loading anything, with what to do instead."""
+    monkeypatch.delenv("CLIPKIT_API_KEY", raising=False)
+    one_line_error(capsys, ["serve", "--index", "no-such-index", "--model", "m", "--host", "0.0.0.0"],
+                   "refusing to serve on 0.0.0.0 without an API key")

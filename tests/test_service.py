@@ -160,7 +160,7 @@ def expected(data: SimpleNamespace, vector: np.ndarray, k: int, **filters) -> li
 def assert_same_results(got: list[dict], want: list[dict]) -> None:
     assert [r["id"] for r in got] == [r["id"] for r in want]
     assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=1e-5)
-    assert all(r.keys() == {"id", "score", "image", "caption", "style"} for r in got)
+    assert all(r.keys() == {"id", "score", "caption", "style"} for r in got)  # no file paths
     assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
 
 
@@ -180,7 +180,8 @@ def test_listens_on_loopback_only(server):
 def test_healthz_is_open(server, data):
     r = httpx.get(server.url + "/healthz")  # no API key needed for liveness
     assert r.status_code == 200
-    want = {"status": "ok", "count": 30, "dim": data.embedder.dim, "model": data.model_dir.name, "max_k": 100}
+    want = {"status": "ok", "count": 30, "dim": data.embedder.dim, "model": data.model_dir.name, "max_k": 100,
+            "max_pixels": 1_000_000}  # sized to the 64 px model: 64 x 64^2, at least 1 MP
     assert r.json() == want
 
 
@@ -295,7 +296,7 @@ def _encoded(fmt: str, **kw) -> bytes:
 
 UPLOADS = {
     "bomb_14000px": (lambda: _png(14000, 14000, 14000), 413),  # 190 KB file, 196 M pixels
-    "over_max_pixels": (lambda: _png(8000, 6000, 1), 413),  # under Pillow's limit, over ours (40 M)
+    "over_max_pixels": (lambda: _png(8000, 6000, 1), 413),  # under Pillow's limit, over ours (1 M here)
     "truncated_jpeg": (lambda: _encoded("JPEG")[:300], 400),
     "truncated_png": (lambda: png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:60], 400),
     "tiff": (lambda: _encoded("TIFF"), 415),
@@ -481,7 +482,7 @@ def test_cors_only_for_configured_origins(app):
 
 def test_bodies_held_at_once_are_bounded():
     """The guard holds at most 8 caps of request bodies at once; the next body gets 503, and it all drains."""
-    from clipkit.app.service import Guard
+    from clipkit.app.guard import Guard
 
     release = asyncio.Event()
 
@@ -512,7 +513,7 @@ def test_internal_errors_are_opaque(app, monkeypatch):
 
 def test_thumbnails_come_from_the_image_column_only(data, tmp_path, caplog):
     """Thumbnails are read from `image`; an index naming the column otherwise (older clipkit: `path`)
-    serves none and says so at start-up, while its search results still carry that column."""
+    serves none and says so at start-up; its search results hide that path column too."""
     from clipkit.app.service import create_app
 
     legacy = data.index.metadata.rename(columns={"image": "path"})
@@ -524,7 +525,7 @@ def test_thumbnails_come_from_the_image_column_only(data, tmp_path, caplog):
     assert "no 'image' metadata column" in caplog.text
     thumb, hits = _gather(app, [("GET", "/thumb/7", {}), ("GET", "/search?q=picture&k=3", {})])
     assert_error(thumb, 404)
-    assert [set(h) for h in hits.json()["results"]] == [{"id", "score", "path", "caption", "style"}] * 3
+    assert [set(h) for h in hits.json()["results"]] == [{"id", "score", "caption", "style"}] * 3
 
 
 # ---------------------------------------------------------------- 28 via the service: never serve half-loaded

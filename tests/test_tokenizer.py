@@ -116,3 +116,28 @@ def test_openai_bpe_matches_open_clip_on_attended_positions() -> None:
         # same end token, so embeddings agree; only the padded tail of the ids differs.
         assert (ours["input_ids"][i, n:] == 49407).all() and (theirs[i, n:] == 0).all()
     assert int(ours["attention_mask"][-1].sum()) == 77 and ours["input_ids"][-1, -1] == 49407
+
+
+def test_tokenizer_output_is_open_clips_ids_tensor_and_clipkits_dict() -> None:
+    """`tokenizer(texts)` is a `[B, L]` LongTensor of ids, as open_clip's tokenizers return (so open_clip code runs
+    unchanged), and reads as clipkit's dict form; every form gives the same text embedding."""
+    import pickle
+
+    import clipkit
+
+    model, tok = clipkit.create_model_and_tokenizer("tiny-minilm")  # mean pooling: the mask matters
+    captions = ["a red apple", "x", "two dogs playing in the snow"]
+    t = tok(captions)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.long and t.shape == (3, tok.context_length)
+    assert type(t["input_ids"]) is torch.Tensor and torch.equal(t["input_ids"], t)
+    assert t["attention_mask"].shape == t.shape and t["attention_mask"][1].sum() < t["attention_mask"][2].sum()
+    assert set(dict(t)) == {"input_ids", "attention_mask"} and set({**t}) == set(dict(t))
+    assert type(t + 0) is torch.Tensor and type(t[:, :3]) is torch.Tensor  # operations give plain tensors
+    assert torch.equal(pickle.loads(pickle.dumps(t))["attention_mask"], t["attention_mask"])
+    with pytest.raises(KeyError):
+        t["token_type_ids"]
+    model.eval()
+    with torch.no_grad():
+        forms = [model.encode_text(t), model.encode_text(dict(t)), model.encode_text(t.clone())]
+    for other in forms[1:]:
+        torch.testing.assert_close(other, forms[0], atol=1e-6, rtol=0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -275,15 +276,17 @@ def test_locked_text_tower_stays_fixed_and_siglip_trains(pairs, micro_model, tmp
 
 
 def test_wise_ft_mixes_initial_and_finetuned_weights(pairs, micro_model, tmp_path):
+    """One mixing weight is a sweep of one: RUN/model is the fine-tuned model, the mix is RUN/wise_ft/alpha_0.5."""
     run = tmp_path / "run"
     summary = Trainer(_cfg(pairs, micro_model, run, max_steps=3, val_data=str(pairs), wise_ft=0.5,
                            reference_data=str(pairs))).fit()
-    init, tuned, mixed = load_file(str(micro_model / "model.safetensors")), load_file(str(run / "model_finetuned/model.safetensors")), _weights(run)
+    init, tuned = load_file(str(micro_model / "model.safetensors")), _weights(run)
+    mixed = load_file(str(run / "wise_ft/alpha_0.5/model.safetensors"))
     k = "visual_proj.weight"
-    assert torch.allclose(mixed[k], 0.5 * init[k] + 0.5 * tuned[k], atol=1e-6)
+    assert torch.allclose(mixed[k], 0.5 * init[k] + 0.5 * tuned[k], atol=1e-6) and not torch.equal(init[k], tuned[k])
     report = summary["wise_ft"]
-    assert set(report) == {"alpha", "initial", "finetuned", "wise_ft", "reference"} and "top1" in report["wise_ft"]
-    assert set(report["reference"]) == {"initial", "finetuned", "wise_ft"}
+    assert report["alphas"] == [0.5] and [r["alpha"] for r in report["rows"]] == [0.0, 0.5, 1.0]
+    assert all("top1" in r["val"] and "top1" in r["reference"] for r in report["rows"])
 
 
 @pytest.mark.slow
@@ -352,3 +355,71 @@ def test_loader_workers_change_nothing_across_epochs(pairs, micro_model, tmp_pat
         Trainer(_cfg(pairs, micro_model, tmp_path / f"w{workers}", max_steps=7, checkpoint_every=100, augment=True,
                      num_workers=workers)).fit()  # 3 batches per epoch: 3 epochs
     _assert_same(_weights(tmp_path / "w0"), _weights(tmp_path / "w2"))
+
+
+def test_wise_ft_sweep_reports_each_weight_on_both_domains(pairs, micro_model, tmp_path):
+    """The sweep: 0 (the starting model), each weight, 1 (fine-tuned), on the reference and the validation table, as
+    a table and a plot. Its alpha=0 row is the starting model measured on its own, its alpha=1 row the final one."""
+    from clipkit.train.validation import evaluate_model
+
+    run = tmp_path / "run"
+    templates = ("a {} shape", "{}")
+    summary = Trainer(_cfg(pairs, micro_model, run, max_steps=3, val_data=str(pairs), wise_ft=(0.25, 0.5),
+                           reference_data=str(pairs), val_templates=templates, lr=3e-3)).fit()
+    rows = summary["wise_ft"]["rows"]
+    assert [r["alpha"] for r in rows] == [0.0, 0.25, 0.5, 1.0]
+    table = pd.read_csv(pairs).assign(image=lambda t: [str(pairs.parent / p) for p in t["image"]])
+    for alpha, model_dir in ((0.0, micro_model), (1.0, run / "model"), (0.25, run / "wise_ft/alpha_0.25")):
+        model, _, tok = clipkit.load(model_dir)
+        direct = evaluate_model(model, tok, torch.device("cpu"), table, templates)
+        row = next(r for r in rows if r["alpha"] == alpha)
+        assert row["reference"]["top1"] == pytest.approx(direct["top1"]) and row["val"] == pytest.approx(direct)
+    md = (run / "wise_ft.md").read_text().strip().splitlines()
+    assert len(md) == 2 + 4 and "reference (starting domain) zero-shot top-1" in md[0] and md[4].startswith("| 0.5 |")
+    assert Image.open(run / "wise_ft.png").size[0] > 100
+    init, quarter, tuned = (load_file(str(d / "model.safetensors")) for d in (micro_model, run / "wise_ft/alpha_0.25",
+                                                                              run / "model"))
+    k = "text_proj.weight"
+    assert torch.allclose(quarter[k], 0.75 * init[k] + 0.25 * tuned[k], atol=1e-6)
+
+
+def test_partial_locking_trains_only_the_unlocked_groups(pairs, micro_model, tmp_path):
+    """`tiny` has a timm ViT (timm's groups: [embeddings], block 0, [block 1 + norm]; its projection always
+    trains) and a 1-layer CLIP text transformer ([embeddings], [layer + final norm], projection)."""
+    run = tmp_path / "run"
+    trainer = Trainer(_cfg(pairs, micro_model, run, max_steps=3, lock_image_unlocked_groups=1,
+                           lock_text_unlocked_layers=1, lr_layer_decay=0.5))
+    assert trainer.data.text_cache is not None  # the text tower is frozen whole: its features are cached
+    trainer.fit()
+    before, after = load_file(str(micro_model / "model.safetensors")), _weights(run)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in changed if k.startswith(("visual.blocks.0.", "visual.patch_embed", "visual.cls_token",
+                                                    "visual.pos_embed", "text."))}
+    assert {"visual.blocks.1.attn.qkv.weight", "visual.norm.weight", "visual_proj.weight", "text_proj.weight"} <= changed
+
+
+def test_param_groups_layer_decay_and_projection_lr(micro_model):
+    from clipkit.train.trainer import param_groups
+
+    model, _, _ = clipkit.load(micro_model)
+    model.lock_text_tower()
+    lr_of = {}
+    for g in param_groups(model, 0.1, 1e-3, layer_decay=0.5, proj_lr=1e-2):
+        lr_of.update({id(p): (g["lr"], g["weight_decay"]) for p in g["params"]})
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["visual.blocks.1.attn.qkv.weight"])] == (1e-3, 0.1)  # the top group
+    assert lr_of[id(named["visual.blocks.0.attn.qkv.weight"])] == (5e-4, 0.1)
+    assert lr_of[id(named["visual.pos_embed"])] == (2.5e-4, 0.0)
+    assert lr_of[id(named["visual_proj.weight"])] == (1e-2, 0.1) and lr_of[id(named["logit_scale"])] == (1e-2, 0.0)
+    assert not any(id(p) in lr_of for n, p in named.items() if n.startswith("text."))  # frozen: not optimised
+    plain = param_groups(model, 0.1, 1e-3)  # the defaults: one lr, decayed parameters first
+    assert [(g["lr"], g["weight_decay"]) for g in plain] == [(1e-3, 0.1), (1e-3, 0.0)]
+
+
+@pytest.mark.parametrize("bad", [dict(lock_image_unlocked_groups=-1), dict(lr_layer_decay=0.0),
+                                 dict(wise_ft=(0.5, 1.5), val_data="v.csv"), dict(wise_ft=0.5)])
+def test_fine_tuning_options_are_checked_up_front(bad):
+    from clipkit.errors import ClipkitError
+
+    with pytest.raises(ClipkitError):
+        TrainConfig(train_data="t.csv", output="out", **bad)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import pickle
 import random
@@ -392,3 +393,52 @@ def test_files_against_open_clips_val_transform(tmp_path, fmt, size):
         assert 1e-3 < draft.mean() < 0.03  # reduced-scale DCT decode: measured 0.007-0.02 on photos
     else:
         assert draft.max() < 1e-5
+
+
+# -- issue 11, item 10: decoding in threads leaves the process's warning filters alone -------------
+
+_THREADED_DECODE = r"""
+import json, sys, threading, warnings
+from clipkit.model.transforms import load_image
+
+before = list(warnings.filters)
+changed, done = [], threading.Event()
+
+def watch():
+    while not done.is_set():
+        if warnings.filters != before:
+            changed.append(len(warnings.filters))
+
+def decode():
+    for _ in range(15):
+        for p in sys.argv[1:]:
+            load_image(p)
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+workers = [threading.Thread(target=decode) for _ in range(4)]
+for t in workers:
+    t.start()
+for t in workers:
+    t.join()
+done.set()
+watcher.join()
+print(json.dumps({"changed_while_decoding": len(changed), "same_after": warnings.filters == before}))
+warnings.warn("an unrelated warning after decoding", UserWarning)
+"""
+
+
+def test_threaded_decoding_never_touches_the_global_warning_filters(tmp_path):
+    """Before: `warnings.catch_warnings()` in load_image swapped the process-global filter list on every call;
+    with 4 threads an `ignore` filter was left at its front and later warnings were lost everywhere."""
+    big = _photo(320, 240)
+    big.save(tmp_path / "exif.jpg", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f\x01\x00")  # Pillow warns on it
+    _photo(64, 48).save(tmp_path / "plain.png")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _THREADED_DECODE, str(tmp_path / "exif.jpg"), str(tmp_path / "plain.png")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report == {"changed_while_decoding": 0, "same_after": True}
+    assert "an unrelated warning after decoding" in out.stderr  # nothing left behind that hides warnings
+    assert "Corrupt EXIF" not in out.stderr  # and Pillow's metadata warnings stay quiet, as before

@@ -1,7 +1,9 @@
 """The README's main job: build the emoji data, train, evaluate on unseen emoji, index, search, rerank, report.
 
 `run_demo(DemoConfig(out="demo"))` writes `demo/data`, `demo/model`, `demo/index`, `demo/metrics.json`
-and `demo/report.html`. Every figure is measured on the test split, whose emoji were never trained on.
+and `demo/report.html`. Every figure is measured on emoji never trained on (the test split), drawn in the
+art styles trained on and in one art style never seen in training (the held-out style), with the queries
+phrased as plain names, as the training template, and in Korean.
 """
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
-from ..fileio import atomic_dir, json_safe, write_json_atomic
+from ..data.datasets.emoji import DEFAULT_HOLDOUT, DEFAULT_STYLES, FORMS
+from ..fileio import atomic_dir, json_safe, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from ..data.datasets import EmojiSummary
@@ -24,27 +28,48 @@ if TYPE_CHECKING:
 TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train", "a heart",
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
 RECIPES = {  # preset, extra trainer options
-    "minilm": ("tiny-minilm", {"lock_text": True}),
-    "scratch": ("tiny", {}),
+    "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True}),
+    "scratch": ("tiny", {"style_augment": True}),
 }
-HEADLINE = [("zero-shot top-1 (subcategory)", "zeroshot/top1"), ("zero-shot top-5", "zeroshot/top5"),
-            ("text->image R@1", "retrieval/text_to_image_R@1"), ("text->image R@10", "retrieval/text_to_image_R@10"),
-            ("image->text R@1", "retrieval/image_to_text_R@1"), ("image->text R@10", "retrieval/image_to_text_R@10"),
-            ("best-of-N rerank top-1", "rerank/best_of_n_top1")]
+QUERIES = {  # query set -> (caption language, caption form) of the rows it is made of
+    "name_en": ("en", "name"), "template_en": ("en", "template"), "name_ko": ("ko", "name"),
+}
+SCOPE_QUERIES = {"test": tuple(QUERIES), "style_test": tuple(QUERIES), "style": ("name_en",)}  # what each scope asks
+# headline rows: (label, metric group, metric); each is shown for the seen styles and for the unseen style
+HEADLINE = [("zero-shot subcategory top-1", "zeroshot", "top1"), ("zero-shot top-5", "zeroshot", "top5"),
+            ("text->image R@1, plain English names", "name_en", "text_to_image_R@1"),
+            ("text->image R@10, plain English names", "name_en", "text_to_image_R@10"),
+            ("text->image R@1, templated (\"a X emoji\")", "template_en", "text_to_image_R@1"),
+            ("text->image R@1, plain Korean names", "name_ko", "text_to_image_R@1"),
+            ("image->text R@1, plain English names", "name_en", "image_to_text_R@1")]
+
+
+def metric_group(scope: str, group: str) -> str:
+    """A metrics.json group: scope "test" (seen styles, unseen emoji), "style" (the unseen style, every emoji)
+    or "style_test" (unseen style, unseen emoji), then the figure's group; the test split's zero-shot figures
+    keep their first name, `zeroshot/...`."""
+    return group if (scope, group) == ("test", "zeroshot") else f"{scope}_{group}"
+
+
+def metric_key(scope: str, group: str, name: str) -> str:
+    return f"{metric_group(scope, group)}/{name}"
 
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults are the README's run (about 10 minutes on 2 CPU cores)."""
+    """Knobs of the demo; the defaults are the README's run (under 10 minutes on 2 CPU cores)."""
 
     out: str = "demo"
     seed: int = 0
     recipe: str = "minilm"
-    epochs: int = 12
-    max_steps: Optional[int] = None
+    max_steps: int = 800  # fixed compute: more styles or captions do not lengthen training
     batch_size: int = 64
     lr: float = 5e-4
     image_size: int = 64
+    styles: tuple[str, ...] = DEFAULT_STYLES
+    holdout: Optional[str] = DEFAULT_HOLDOUT  # the art style never trained on; None: train on every style
+    packs: Optional[str] = None  # folder of npm emoji packs (None: $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/...)
+    train_forms: tuple[str, ...] = FORMS  # caption forms trained on (name, template, variant)
     limit: Optional[int] = None  # emoji subset (tests)
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     few_shot_seeds: tuple[int, ...] = (0, 1)
@@ -62,12 +87,17 @@ class DemoState:
     out: Path
     metrics: dict[str, Any] = field(default_factory=dict)  # "group/name" -> value, written to metrics.json
     data: Optional[EmojiSummary] = None  # data
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # data: split -> rows
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # data: split (and "holdout") -> rows
     templates: tuple[str, ...] = ()  # data: the dataset's zero-shot prompts (templates.txt)
     embedder: Optional[Embedder] = None  # evaluate: the trained model
     few_shot: Optional[pd.DataFrame] = None  # evaluate: top-1 per (k, method)
     index: Optional[SearchIndex] = None  # index
     search: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # search: query -> top 3 (caption, score)
+
+
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
 
 @dataclass
@@ -79,12 +109,15 @@ class DemoResult:
     seconds: float
 
     def headline(self) -> str:
-        lines = ["| unseen-emoji test split | value | chance |", "|---|---|---|"]
-        for label, key in HEADLINE:
-            group, name = key.split("/")
-            chance = self.metrics.get(f"{group}/chance_{name}", "")
-            chance = f"{chance:.4f}" if isinstance(chance, float) else chance
-            lines.append(f"| {label} | {self.metrics.get(key, float('nan')):.4f} | {chance} |")
+        """The README's table: each figure on the seen styles' unseen emoji and on the unseen style's."""
+        m, style = self.metrics, self.metrics.get("data/holdout") or "none installed"
+        lines = [f"| unseen emoji | seen styles | chance | unseen style ({style}) | chance |", "|---|---|---|---|---|"]
+        for label, group, name in HEADLINE:
+            cells = [_cell(m, metric_key(scope, group, key)) for scope in ("test", "style_test")
+                     for key in (name, f"chance_{name}")]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| best-of-{m.get('rerank/n_candidates', 8)} rerank top-1 | {_cell(m, 'rerank/best_of_n_top1')} "
+                     f"| {_cell(m, 'rerank/chance_best_of_n_top1')} | | |")
         return "\n".join(lines)
 
 
@@ -98,9 +131,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     start, out = time.perf_counter(), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stages: list[tuple[str, Callable[[DemoState], None]]] = [
-        ("building the emoji dataset (OpenMoji + Noto glyphs, English + Korean captions)", _data),
-        ("training the demo model", _train),
-        ("evaluating on the unseen-emoji test split", _evaluate),
+        ("building the emoji dataset (every installed art style, English + Korean captions)", _data),
+        (f"training the demo model ({cfg.max_steps} steps)", _train),
+        ("evaluating on unseen emoji, in the seen styles and in the unseen style", _evaluate),
         ("building the search index", _index),
         ("searching by text (English and Korean) and by image", _search),
         ("reranking candidate images for prompts (best-of-N)", _rerank),
@@ -115,16 +148,40 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 def _data(state: DemoState) -> None:
     from ..data.datasets import build_emoji_dataset
-    from ..data.datasets.emoji import TEMPLATES_FILE
+    from ..data.datasets.emoji import HOLDOUT_FILE, TEMPLATES_FILE
     from ..data.tables import read_table
     from ..evaluate.zeroshot import load_templates
 
     cfg, data_dir = state.cfg, state.out / "data"
-    state.data = build_emoji_dataset(data_dir, size=cfg.image_size, seed=cfg.seed, limit=cfg.limit,
-                                     progress=cfg.progress)
-    state.tables = {s: read_table(data_dir / f"{s}.csv") for s in ("train", "val", "test")}
+    data = state.data = build_emoji_dataset(data_dir, size=cfg.image_size, seed=cfg.seed, limit=cfg.limit,
+                                            styles=cfg.styles, holdout=cfg.holdout, packs=cfg.packs,
+                                            progress=cfg.progress)
+    if cfg.progress:
+        print(f"  styles: {', '.join(f'{s} ({n} images)' for s, n in data.images.items())}; "
+              f"held out: {data.holdout or 'none'}", flush=True)
+        for style, reason in data.skipped_styles.items():
+            print(f"  style {style} skipped: {reason}", flush=True)
+        for note in data.notes:
+            print(f"  note: {note}", flush=True)
+    files = {s: data_dir / f"{s}.csv" for s in ("train", "val", "test")}
+    if data.holdout:
+        files["holdout"] = data_dir / HOLDOUT_FILE
+    state.tables = {s: read_table(f) for s, f in files.items()}
     state.templates = load_templates(data_dir / TEMPLATES_FILE)  # what `clipkit eval --templates` would read
-    state.metrics.update({f"data/{s}_rows": n for s, n in state.data.rows.items()})
+    state.metrics.update({f"data/{s}_rows": n for s, n in data.rows.items()})
+    state.metrics.update({"data/styles": ",".join(data.styles), "data/holdout": data.holdout or "",
+                          "data/skipped_styles": ",".join(data.skipped_styles)})
+
+
+def _train_table(state: DemoState) -> Path:
+    """The training table: train.csv, or its rows of the chosen caption forms (written beside it)."""
+    cfg, data_dir = state.cfg, state.out / "data"
+    if set(cfg.train_forms) >= set(FORMS):
+        return data_dir / "train.csv"
+    table = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
+    path = data_dir / f"train_{'_'.join(cfg.train_forms)}.csv"
+    write_text_atomic(path, table[table["form"].isin(cfg.train_forms)].to_csv(index=False, lineterminator="\n"))
+    return path
 
 
 def _train(state: DemoState) -> None:
@@ -132,16 +189,18 @@ def _train(state: DemoState) -> None:
 
     cfg, out = state.cfg, state.out
     preset, extra = RECIPES[cfg.recipe]
-    tcfg = TrainConfig(train_data=str(out / "data" / "train.csv"), val_data=str(out / "data" / "val.csv"),
-                       val_templates=state.templates, output=str(out / "run"), model=preset, epochs=cfg.epochs,
+    tcfg = TrainConfig(train_data=str(_train_table(state)), val_data=str(out / "data" / "val.csv"),
+                       val_templates=state.templates, output=str(out / "run"), model=preset,
                        max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                        checkpoint_every=1000, log_every=20, progress=cfg.progress, **extra)
+    t0 = time.perf_counter()
     summary = train(tcfg)
     best = out / "run" / "best_model"
     src = best if best.exists() else Path(summary["model_dir"])
     with atomic_dir(out / "model") as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     state.metrics.update({"train/steps": summary["steps"], "train/recipe": cfg.recipe,
+                          "train/seconds": round(time.perf_counter() - t0, 1),
                           "train/model_from": "best validation epoch" if best.exists() else "last step"})
 
 
@@ -149,18 +208,81 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
+def _scopes(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The evaluation sets: the test split (seen styles), and the unseen style with every emoji and with the
+    test split's emoji only."""
+    scopes = {"test": tables["test"]}
+    if "holdout" in tables:
+        held = tables["holdout"]
+        scopes.update(style=held, style_test=held[held["split"] == "test"])
+    return {k: v for k, v in scopes.items() if len(v)}
+
+
+def evaluate_scopes(emb: Embedder, tables: dict[str, pd.DataFrame], templates: Sequence[str]) -> dict[str, Any]:
+    """Zero-shot labelling and retrieval by query set (plain names, templates, Korean) on every scope, plus the
+    first demo's figures (`retrieval*/`: the templated captions of the test split)."""
+    from ..evaluate.runners import eval_retrieval, eval_zeroshot
+
+    m: dict[str, Any] = {}
+    for scope, table in _scopes(tables).items():
+        images = table.drop_duplicates("image")
+        m.update(_flat(metric_group(scope, "zeroshot"), eval_zeroshot(emb, images, templates=templates).metrics))
+        for query in SCOPE_QUERIES[scope]:
+            lang, form = QUERIES[query]
+            rows = table[(table["lang"] == lang) & (table["form"] == form)]
+            if len(rows):
+                m.update(_flat(metric_group(scope, query), eval_retrieval(emb, rows).metrics))
+    test = tables["test"]
+    templated = test[test["form"] == "template"]
+    m.update(_flat("retrieval", eval_retrieval(emb, templated).metrics))
+    for lang in sorted(templated["lang"].unique()):
+        m.update(_flat(f"retrieval_{lang}", eval_retrieval(emb, templated[templated["lang"] == lang]).metrics))
+    return m
+
+
+class MemoEmbedder:
+    """An Embedder that embeds each image path and each text once: the demo's evaluations ask for the same
+    images and captions many times over. Everything else is the wrapped Embedder's."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.failures: list[tuple[int, Exception]] = []
+        self._images: dict[str, Any] = {}  # path -> embedding, or the load error
+        self._texts: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.embedder, name)
+
+    def texts(self, strings: Sequence[str]) -> np.ndarray:
+        new = [t for t in dict.fromkeys(strings) if t not in self._texts]
+        if new:
+            self._texts.update(zip(new, self.embedder.texts(new)))
+        return np.stack([self._texts[t] for t in strings]) if len(strings) else np.zeros((0, self.embedder.dim), np.float32)
+
+    def images(self, items: Sequence[str], on_error: str = "raise") -> np.ndarray:
+        keys = [str(p) for p in items]
+        new = [p for p in dict.fromkeys(keys) if p not in self._images]
+        if new:
+            out = self.embedder.images(new, on_error="nan")
+            errors = dict(self.embedder.failures)
+            self._images.update((p, errors.get(i, out[i])) for i, p in enumerate(new))
+        self.failures = [(i, v) for i, v in enumerate(self._images[p] for p in keys) if isinstance(v, Exception)]
+        if self.failures and on_error == "raise":
+            raise self.failures[0][1]
+        nan = np.full(self.embedder.dim, np.nan, np.float32)
+        return np.stack([nan if isinstance(v, Exception) else v for v in (self._images[p] for p in keys)]) \
+            if keys else np.zeros((0, self.embedder.dim), np.float32)
+
+
 def _evaluate(state: DemoState) -> None:
     from ..embed import Embedder
-    from ..evaluate.runners import eval_linear_probe, eval_retrieval, eval_zeroshot
+    from ..evaluate.runners import eval_linear_probe
 
-    cfg, test, m = state.cfg, state.tables["test"], state.metrics
-    emb = state.embedder = Embedder(state.out / "model", progress=False)
-    m.update(_flat("zeroshot", eval_zeroshot(emb, test, templates=state.templates).metrics))
-    m.update(_flat("retrieval", eval_retrieval(emb, test).metrics))
-    for lang in sorted(test["lang"].unique()):
-        m.update(_flat(f"retrieval_{lang}", eval_retrieval(emb, test[test["lang"] == lang]).metrics))
-    probe = eval_linear_probe(emb, state.tables["train"], test, shots=cfg.shots, seeds=cfg.few_shot_seeds,
-                              templates=state.templates)
+    cfg, m = state.cfg, state.metrics
+    emb = state.embedder = MemoEmbedder(Embedder(state.out / "model", progress=False))
+    m.update(evaluate_scopes(emb, state.tables, state.templates))
+    train, test = (state.tables[s].drop_duplicates("image") for s in ("train", "test"))
+    probe = eval_linear_probe(emb, train, test, shots=cfg.shots, seeds=cfg.few_shot_seeds, templates=state.templates)
     m.update(_flat("probe", probe.metrics))
     state.few_shot = probe.tables.get("few_shot")
 
@@ -203,7 +325,8 @@ def _rerank(state: DemoState) -> None:
     from ..report.plots import contact_sheet
 
     cfg, out, test = state.cfg, state.out, state.tables["test"]
-    sets = best_of_n_task(test[test["lang"] == "en"], out / "rerank", n=cfg.rerank_candidates,
+    prompts = test[(test["lang"] == "en") & (test["form"] == "template")]  # "a X emoji", as in the first demo
+    sets = best_of_n_task(prompts, out / "rerank", n=cfg.rerank_candidates,
                           num_prompts=cfg.rerank_prompts, seed=cfg.seed)
     rankings = []
     for i, s in enumerate(sets):
@@ -223,13 +346,43 @@ def _report(state: DemoState) -> None:
     if state.few_shot is not None:
         plot_few_shot(state.few_shot, out / "few_shot.png")
     write_report(out / "report.html", "clipkit demo: CLIP on emoji",
-                 "All figures are measured on the test split, whose emoji never appeared in training.",
-                 demo_sections(state))
+                 "All figures are measured on emoji that never appeared in training (the test split), drawn in the "
+                 "art styles trained on and in an art style never trained on.", demo_sections(state))
 
 
 def _group(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The metrics under `prefix/`, without the prefix."""
     return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
+
+
+def _data_section(data: EmojiSummary) -> Section:
+    from ..report.page import Section
+
+    lines = [f"{data.total_rows} captioned rows from {sum(data.emoji.values())} emoji "
+             f"({', '.join(f'{k}: {v}' for k, v in data.rows.items())}); split by emoji, so test emoji are unseen in "
+             "training. Each image is captioned by its plain name, templated phrases and its Korean name."]
+    lines += [f"Style {s}: {n} images, {data.sources[s]['source']}" + (" (held out: never trained on)"
+              if s == data.holdout else "") for s, n in data.images.items()]
+    lines += [f"Style {s} not used: {reason}" for s, reason in data.skipped_styles.items()] + data.notes
+    return Section("Data", lines)
+
+
+def _style_section(m: dict[str, Any], data: EmojiSummary) -> Section:
+    """Every figure on the seen styles and on the unseen style, by query set."""
+    from ..report.page import Section
+
+    scopes = [("test", "seen styles, unseen emoji"), ("style", f"unseen style ({data.holdout}), every emoji"),
+              ("style_test", f"unseen style ({data.holdout}), unseen emoji")]
+    rows = []
+    for label, group, name in HEADLINE + [("text->image R@10, templated", "template_en", "text_to_image_R@10"),
+                                          ("text->image R@10, plain Korean names", "name_ko", "text_to_image_R@10")]:
+        cells = [m.get(metric_key(scope, group, name)) for scope, _ in scopes]
+        rows.append([label, *cells, m.get(metric_key("style_test", group, f"chance_{name}"))])
+    note = ("No art style was held out, so the unseen-style columns are empty." if not data.holdout else
+            "Plain names are what a user types (\"red apple\"); templated is the phrase the first demo trained on "
+            "(\"a red apple emoji\").")
+    return Section("Unseen art style", [note], tables=[(["metric", *(t for _, t in scopes), "chance (unseen style, "
+                                                         "unseen emoji)"], rows)])
 
 
 def demo_sections(state: DemoState) -> list[Section]:
@@ -239,9 +392,7 @@ def demo_sections(state: DemoState) -> list[Section]:
     out, m, cfg, data = state.out, state.metrics, state.cfg, state.data
     zs, ret, rr = _group(m, "zeroshot"), _group(m, "retrieval"), _group(m, "rerank")
     metric_header = ["metric", "value", "chance"]
-    sections = [Section("Data", [f"{data.total_rows} captioned rows from {sum(data.emoji.values())} emoji "
-                                 f"({', '.join(f'{k}: {v}' for k, v in data.rows.items())}); "
-                                 "split by emoji, so test emoji are unseen in training."])]
+    sections = [_data_section(data), _style_section(m, data)]
     sections.append(Section("Zero-shot subcategory labelling",
                             [f"Each label is the mean of {len(state.templates)} prompts (data/templates.txt): "
                              + ", ".join(repr(t) for t in state.templates) + "."],

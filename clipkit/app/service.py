@@ -1,46 +1,54 @@
 """HTTP search service: a FastAPI app over one SearchIndex + Embedder, and a hardened uvicorn runner.
 
-Routes: `GET /search?q=&k=` (text; exact-match filters on metadata columns, e.g. `&style=emoji`),
-`POST /search` (multipart `file` image, optional `k`), `GET /thumb/{id}` (the file in the `image`
-metadata column), `GET /healthz`, `GET /` (page).
+Routes: `GET /search?q=&k=` (text; exact-match filters on metadata columns, e.g. `&style=emoji`, and/or
+`&filter=<filter string>` in the grammar of `search.filters`), `POST /search` (multipart `file` image,
+optional `k`), `GET /thumb/{id}` (the file in the `image` metadata column), `GET /healthz`, `GET /` (page).
+Results carry an allow-list of metadata columns: by default every column but the file paths.
 Every error is `{"error": "..."}` JSON with a 4xx/5xx status; no traceback, path or repr leaves.
 
-What bounds a hostile client: request headers must arrive within `header_timeout` and fit h11's
-16 KiB event limit; the body is counted while it streams (413 past `max_upload_bytes`, chunked too)
-and must arrive within `body_timeout` (408); all bodies held at once stay under 8 caps (else 503);
-idle keep-alive connections close after `timeout_keep_alive`; at most `max_connections` connections;
-at most `max_concurrency` searches run, others wait up to `queue_timeout` then get 503; images are
-decoded by allow-listed Pillow plugins only, after a `max_pixels` check on the header.
+What bounds a hostile client: connections still sending headers are capped per client address and
+overall (`connections`) and must finish within `header_timeout`; headers fit h11's 16 KiB event limit;
+the body is counted while it streams (413 past `max_upload_bytes`, chunked too) and must arrive within
+`body_timeout` (408); all bodies held at once stay under 8 caps (else 503); at most `max_concurrency`
+searches run, others wait up to `queue_timeout` then get 503; images are decoded by allow-listed Pillow
+plugins only, JPEGs at reduced scale, after a size check on the header, with their decode memory reserved
+from one budget (`uploads`). Thumbnails open only regular files under the image roots (`files`).
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
-import hashlib
-import hmac
 import io
+import ipaddress
 import logging
+import os
+import platform
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..embed import Embedder
-from ..errors import ImageLoadError
+from ..search.filters import FilterError, Logic, Member, Node, parse_filter
 from ..search.index import MAX_K, SearchIndex
-from ..model.transforms import BLOCKED_FORMATS, load_image
+from ..model.transforms import BLOCKED_FORMATS
+from .connections import Pending, protocol_class
+from .files import absolute_paths, find_image_roots, open_under
+from .guard import ApiError, Guard, error_response, within
+from .uploads import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_image
 
 MiB = 1 << 20
 STATIC = Path(__file__).with_name("static")
@@ -48,40 +56,22 @@ ASSETS = {"/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/static/app.css": ("app.css", "text/css; charset=utf-8")}
 OPEN_PATHS = frozenset({"/", "/healthz", *ASSETS})  # served without the API key
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
-CSP = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
-       "frame-ancestors 'none'; form-action 'self'")
-SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"content-security-policy", CSP.encode()),
-                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
-                    (b"cache-control", b"no-store"))
 THUMB_SIDE, THUMB_CACHE, THUMB_WAIT_S = 256, 512, 5.0
 MAX_FILTER_VALUES = 100
 IMAGE_COL = "image"  # the metadata column with each row's image file, as in pairs tables and collections
-BUFFERED_BODIES = 8  # request bodies held in memory at once, at most, in units of max_upload_bytes
-_MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"),
-          (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"\xff\xd8\xff", "JPEG"),
-          (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+PATH_COLUMNS = ("image", "image_rel", "path", "filepath")  # hidden from results unless listed explicitly
+MODEL_PIXELS = 64  # default max_pixels: this many times the model's image_size squared (at least 1 MP)
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ApiError(Exception):
-    """An error answered as `{"error": message}` with `status` (and optional extra headers)."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, dict(headers or {})
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
-
-
 @dataclass(frozen=True)
 class Limits:
-    """Request limits of one app (see `create_app`)."""
+    """Request limits of one app (see `create_app`). `max_pixels=None`: sized to the model."""
 
     max_upload_bytes: int = 8 * MiB
-    max_pixels: int = 40_000_000
+    max_pixels: int | None = None
+    decode_memory: int = 256 * MiB  # bytes of image decoding in flight, all requests together
     max_k: int = 100
     max_query_chars: int = 1000
     max_concurrency: int = 4
@@ -94,166 +84,10 @@ class Limits:
         bad = [f for f in self.allowed_formats if f not in Image.ID or f in BLOCKED_FORMATS]
         if bad:
             raise ValueError(f"allowed_formats: unknown or unsafe Pillow formats {bad}")
-        ints = (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_query_chars, self.max_concurrency)
+        ints = (self.max_upload_bytes, self.max_pixels or 1, self.decode_memory, self.max_k, self.max_query_chars,
+                self.max_concurrency)
         if min(ints) < 1 or self.max_k > MAX_K or self.body_timeout <= 0 or self.queue_timeout < 0:
             raise ValueError(f"limits must be positive (and max_k <= {MAX_K}): {self}")
-
-
-def _header(scope: dict, name: bytes) -> str | None:
-    """First value of a request header, as latin-1 text."""
-    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
-
-
-def _host_name(host: str) -> str:
-    """`Host` header -> lower-case host name without port (`[::1]:80` -> `::1`)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
-class Guard:
-    """Pure ASGI middleware: Host allow-list, API key, security headers, and the request body read in
-    full under a byte cap and a deadline before the app runs (so parsers never see an oversized body)."""
-
-    def __init__(self, app: Any, *, hosts: frozenset[str] | None, key: str | None, max_body: int,
-                 body_timeout: float) -> None:
-        self.app, self.hosts, self.max_body, self.body_timeout = app, hosts, max_body, body_timeout
-        self.key_digest = None if key is None else _digest(key)
-        self.buffered, self.max_buffered = 0, BUFFERED_BODIES * max_body  # bytes held by all requests
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        send, held = _secured(send), [0]
-        try:
-            outcome = self._check(scope) or await self._read_body(scope, receive, held)
-            if isinstance(outcome, bytes):
-                return await self.app(scope, _replay(outcome, receive), send)
-            if outcome is not None:  # None: the client went away mid-body
-                status, msg, headers = outcome
-                await _error(status, msg, headers)(scope, receive, send)
-        finally:
-            self.buffered -= held[0]
-        return None
-
-    def _check(self, scope: dict) -> tuple[int, str, dict] | None:
-        host = _header(scope, b"host")
-        if self.hosts is not None and (host is None or _host_name(host) not in self.hosts):
-            return 400, "invalid Host header", {}
-        if self.key_digest is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
-            return 401, "missing or wrong API key (X-API-Key or Authorization: Bearer)", {
-                "www-authenticate": "Bearer"}
-        length = _header(scope, b"content-length")
-        if length is not None and not length.isdigit():
-            return 400, "invalid Content-Length", {"connection": "close"}
-        return None
-
-    def _authorized(self, scope: dict) -> bool:
-        given = _header(scope, b"x-api-key")
-        auth = _header(scope, b"authorization") or ""
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(_digest(given), self.key_digest)
-
-    async def _read_body(self, scope: dict, receive: Callable, held: list[int]
-                         ) -> bytes | tuple[int, str, dict] | None:
-        """The whole body, or an error: 413 past the cap (after draining up to one more cap, so the
-        client can read the answer), 408 past the deadline, 503 when all requests together hold
-        `max_buffered` bytes; None if the client disconnected. `held[0]` counts what this one holds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout
-        declared = int(_header(scope, b"content-length") or 0)
-        too_big = declared > self.max_body
-        if declared > 2 * self.max_body:  # too much to drain: answer now
-            return 413, f"request body exceeds {self.max_body} bytes", {"connection": "close"}
-        chunks, size, more = [], 0, True
-        while more and size <= 2 * self.max_body:
-            try:
-                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
-            except TimeoutError:
-                return 408, f"request body not received within {self.body_timeout:g} s", {"connection": "close"}
-            if msg["type"] == "http.disconnect":
-                return None
-            part, more = msg.get("body", b""), msg.get("more_body", False)
-            size += len(part)
-            too_big = too_big or size > self.max_body
-            if not too_big and self.buffered + len(part) > self.max_buffered:
-                return 503, "server busy, retry shortly", {"connection": "close", "retry-after": "1"}
-            if not too_big:
-                chunks.append(part)
-                held[0] += len(part)
-                self.buffered += len(part)
-        if too_big:
-            return 413, f"request body exceeds {self.max_body} bytes", {"connection": "close"}
-        return b"".join(chunks)
-
-
-def _secured(send: Callable) -> Callable:
-    """Wrap `send` to add the security headers a response does not set itself."""
-    async def wrapped(message: dict) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", []))
-            have = {k.lower() for k, _ in headers}
-            message = {**message, "headers": headers + [(k, v) for k, v in SECURITY_HEADERS if k not in have]}
-        await send(message)
-    return wrapped
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    """A `receive` that yields the buffered body once, then defers to the server (disconnects)."""
-    sent = False
-
-    async def replay() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-    return replay
-
-
-def _sniff(head: bytes) -> str | None:
-    """Format name from magic bytes, only to tell 'not allowed' (415) from 'corrupt' (400)."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    text = head[:512].lstrip().lower()
-    if text.startswith(b"<?xml") or b"<svg" in text:
-        return "SVG"
-    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
-
-
-def decode_image(fp: Any, allowed: tuple[str, ...], max_pixels: int, draft: int | None = None
-                 ) -> tuple[Image.Image, str]:
-    """Open `fp` with only the allowed decoders, check the pixel cap from the header, decode to RGB."""
-    try:
-        img = Image.open(fp, formats=list(allowed))
-    except Image.DecompressionBombError:
-        raise ApiError(413, f"image too large (more than {max_pixels} pixels)") from None
-    except UnidentifiedImageError:
-        fp.seek(0)
-        fmt = _sniff(fp.read(1024))
-        if fmt in allowed:
-            raise ApiError(400, f"corrupt {fmt} image header") from None
-        raise ApiError(415, f"unsupported image format {fmt or '(unrecognised)'}; "
-                            f"accepted: {', '.join(allowed)}") from None
-    except Exception:
-        raise ApiError(400, "corrupt image header") from None
-    with img:
-        fmt = img.format or "?"
-        if draft and fmt == "JPEG":
-            img.draft("RGB", (draft, draft))
-        try:
-            out = load_image(img, max_pixels=max_pixels)
-        except ImageLoadError as e:
-            if e.reason == "too_large":
-                raise ApiError(413, f"image too large: {e.detail}") from None
-            raise ApiError(400, f"truncated or corrupt {fmt} image") from None
-        return (out.copy() if out is img else out), fmt  # close() would invalidate `img`
 
 
 class _LockedTokenizer:
@@ -271,12 +105,23 @@ class _LockedTokenizer:
         return getattr(self._tokenizer, name)
 
 
-def _filterable(meta: pd.DataFrame) -> dict[str, str]:
-    """Metadata columns usable as exact-match query filters: name -> "str" | "int" | "bool"."""
+def _result_columns(meta: pd.DataFrame, wanted: Iterable[str] | None) -> tuple[str, ...]:
+    """The metadata columns results carry: `wanted` (checked), else all but the file-path columns."""
+    if wanted is None:
+        return tuple(c for c in meta.columns if c not in PATH_COLUMNS)
+    wanted = tuple(wanted)
+    missing = [c for c in wanted if c not in meta.columns]
+    if missing:
+        raise ValueError(f"result_columns {missing} are not metadata columns {list(meta.columns)}")
+    return wanted
+
+
+def _filterable(meta: pd.DataFrame, columns: Iterable[str]) -> dict[str, str]:
+    """Result columns usable as exact-match query filters: name -> "str" | "int" | "bool"."""
     out = {}
-    for col in meta.columns:
+    for col in columns:
         s = meta[col]
-        if col in ("q", "k", "id", "score"):
+        if col in ("q", "k", "filter", "id", "score"):
             continue
         if pd.api.types.is_bool_dtype(s.dtype):
             out[col] = "bool"
@@ -302,12 +147,12 @@ def _single(params: QueryParams, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _acquire(sem: asyncio.Semaphore, timeout: float) -> bool:
-    """Take a slot of `sem`, waiting at most `timeout` seconds (0: only if one is free now)."""
+async def _acquire(sem: Any, timeout: float) -> bool:
+    """Take a slot of the asyncio semaphore `sem`, waiting at most `timeout` seconds (0: only if free now)."""
     if not sem.locked():
         return await sem.acquire()  # returns at once, without yielding to other tasks
     try:
-        return timeout > 0 and await asyncio.wait_for(sem.acquire(), timeout)
+        return timeout > 0 and await within(sem.acquire(), timeout)
     except TimeoutError:
         return False
 
@@ -315,37 +160,58 @@ async def _acquire(sem: asyncio.Semaphore, timeout: float) -> bool:
 class Service:
     """The loaded model and index plus the request logic; searches run in worker threads."""
 
-    def __init__(self, index_dir: str | Path, model_dir: str | Path, limits: Limits) -> None:
-        self.limits, self.index_dir = limits, Path(index_dir)
+    def __init__(self, index_dir: str | Path, model_dir: str | Path, limits: Limits, *,
+                 result_columns: Iterable[str] | None = None, image_roots: Iterable[str] | None = None) -> None:
+        self.index_dir = Path(index_dir)
         self.embedder = Embedder(model_dir, progress=False)
         self.embedder.tokenizer = _LockedTokenizer(self.embedder.tokenizer)
+        self.image_size = self.embedder.preprocess.cfg.image_size
+        if limits.max_pixels is None:
+            limits = _replace(limits, max_pixels=max(MODEL_PIXELS * self.image_size ** 2, 1_000_000))
+        self.limits = limits
         self.index = SearchIndex.load(index_dir, expected_dim=self.embedder.dim)
+        meta = self.index.metadata
         self.model_name = Path(model_dir).resolve().name
-        self.filters = _filterable(self.index.metadata)
-        self.has_images = IMAGE_COL in self.index.metadata.columns
-        if not self.has_images:
+        self.columns = _result_columns(meta, result_columns)
+        self.filters = _filterable(meta, self.columns)
+        hidden = [c for c in meta.columns if c not in self.columns]
+        log.info("results carry metadata columns %s%s", list(self.columns), f"; hidden: {hidden}" if hidden else "")
+        paths = absolute_paths(meta[IMAGE_COL], self.index_dir) if IMAGE_COL in meta.columns else []
+        self.roots = find_image_roots(paths, image_roots)
+        if IMAGE_COL not in meta.columns:
             log.warning("index %s has no %r metadata column: /thumb answers 404", self.index_dir, IMAGE_COL)
+        self.budget = DecodeBudget(limits.decode_memory)
         self.slots = asyncio.Semaphore(limits.max_concurrency)
         self.cached_thumb = functools.lru_cache(THUMB_CACHE)(self.make_thumb)  # errors are not cached
         self.thumb_slots = asyncio.Semaphore(max(2, limits.max_concurrency))
 
     def health(self) -> dict:
         return {"status": "ok", "count": len(self.index), "dim": self.index.dim, "model": self.model_name,
-                "max_k": self.limits.max_k}
+                "max_k": self.limits.max_k, "max_pixels": self.limits.max_pixels}
 
-    def parse_filters(self, params: QueryParams, skip: Iterable[str]) -> dict | None:
-        """Exact-match filters from query parameters named after metadata columns; others are refused."""
-        out: dict[str, list] = {}
+    def parse_filters(self, params: QueryParams, skip: Iterable[str]) -> Node | None:
+        """Exact-match filters from query parameters named after result columns, and a `filter` string
+        (same grammar as the library and the CLI), all and-ed; any other parameter is refused."""
+        parts: list[Node] = []
         for name in dict.fromkeys(params.keys()):
             if name in skip:
+                continue
+            if name == "filter":
+                parts.append(self._filter_string(_single(params, "filter") or ""))
                 continue
             if name not in self.filters:
                 raise ApiError(400, f"unknown parameter {name[:40]!r}; filterable: {sorted(self.filters)}")
             values = params.getlist(name)
             if len(values) > MAX_FILTER_VALUES or any(len(v) > self.limits.max_query_chars for v in values):
                 raise ApiError(400, f"too many or too long values for {name}")
-            out[name] = [self._cast(name, v) for v in values]
-        return out or None
+            parts.append(Member(name, tuple(self._cast(name, v) for v in values), False, 0))
+        return None if not parts else parts[0] if len(parts) == 1 else Logic("and", tuple(parts))
+
+    def _filter_string(self, text: str) -> Node:
+        try:
+            return parse_filter(text, columns=self.filters, max_chars=self.limits.max_query_chars)
+        except FilterError as e:
+            raise ApiError(400, f"invalid filter at position {e.position}: {e.reason}") from None  # no echo
 
     def _cast(self, name: str, value: str) -> Any:
         kind = self.filters[name]
@@ -367,24 +233,27 @@ class Service:
         finally:
             self.slots.release()
 
-    def search_text(self, q: str, k: int, filters: dict | None) -> list[dict]:
+    def search_text(self, q: str, k: int, filters: Node | None) -> list[dict]:
         return self._search(self.embedder.texts([q]), k, filters)
 
-    def search_image(self, data: bytes, k: int, filters: dict | None) -> list[dict]:
-        img, _ = decode_image(io.BytesIO(data), self.limits.allowed_formats, self.limits.max_pixels)
+    def search_image(self, data: bytes, k: int, filters: Node | None) -> list[dict]:
+        draft = self.image_size if self.embedder.preprocess.cfg.jpeg_draft else None  # as Preprocess decodes
+        img, _ = decode_image(io.BytesIO(data), self.limits.allowed_formats, self.limits.max_pixels,
+                              self.budget, self.limits.queue_timeout, draft=draft)
         return self._search(self.embedder.images([img]), k, filters)
 
-    def _search(self, query: Any, k: int, filters: dict | None) -> list[dict]:
+    def _search(self, query: Any, k: int, filters: Node | None) -> list[dict]:
         try:
             scores, ids = self.index.search(query, k, filter=filters)
         except ValueError:
             raise ApiError(400, "the query could not be searched") from None
-        return self.index.results(scores, ids)[0]
+        keep = ("id", "score", *self.columns)
+        return [{c: hit[c] for c in keep if c in hit} for hit in self.index.results(scores, ids)[0]]
 
     def thumb_row(self, item_id: str) -> int:
         """Row number for `/thumb/{id}`: a live index row with an image path, else 404."""
         meta = self.index.metadata
-        if not self.has_images or not re.fullmatch(r"[0-9]{1,12}", item_id):
+        if not self.roots or not re.fullmatch(r"[0-9]{1,12}", item_id):
             raise ApiError(404, "no such image id")
         row = int(item_id)
         if row >= len(meta) or self.index.deleted[row] or not isinstance(meta[IMAGE_COL].iloc[row], str):
@@ -392,15 +261,14 @@ class Service:
         return row
 
     def make_thumb(self, row: int) -> tuple[bytes, str]:
-        """Decode the indexed file (allowed formats only), shrink it, re-encode it (drops EXIF)."""
-        path = Path(self.index.metadata[IMAGE_COL].iloc[row])
-        path = path if path.is_absolute() else self.index_dir / path
-        try:
-            f = open(path, "rb")
-        except OSError:
-            raise ApiError(404, "image file unavailable") from None
+        """Decode the indexed file (allowed formats, under the image roots), shrink it, re-encode it (drops EXIF)."""
+        (path,) = absolute_paths(self.index.metadata[IMAGE_COL].iloc[row:row + 1], self.index_dir)
+        f = open_under(path, self.roots)
+        if f is None:
+            raise ApiError(404, "image file unavailable")
         with f:
-            img, fmt = decode_image(f, self.limits.allowed_formats, self.limits.max_pixels, draft=THUMB_SIDE)
+            img, fmt = decode_image(f, self.limits.allowed_formats, self.budget.limit // DECODE_BYTES_PER_PIXEL,
+                                    self.budget, THUMB_WAIT_S, draft=THUMB_SIDE)
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))
         buf, lossy = io.BytesIO(), fmt in ("JPEG", "WEBP")
         img.save(buf, "JPEG" if lossy else "PNG", **({"quality": 85} if lossy else {}))
@@ -416,29 +284,33 @@ class Service:
             self.thumb_slots.release()
 
 
+def _replace(limits: Limits, **changes: Any) -> Limits:
+    return Limits(**{**{f.name: getattr(limits, f.name) for f in fields(Limits)}, **changes})
+
+
 def create_app(index_dir: str | Path, model_dir: str | Path, *, api_key: str | None = None,
-               max_upload_bytes: int = 8 * MiB, max_pixels: int = 40_000_000, max_k: int = 100,
-               max_query_chars: int = 1000, max_concurrency: int = 4, queue_timeout: float = 0.05,
-               body_timeout: float = 10.0, allowed_hosts: Iterable[str] | None = None,
-               allow_origins: Iterable[str] = (),
-               allowed_formats: Iterable[str] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, allow_origins: Iterable[str] = (),
+               result_columns: Iterable[str] | None = None, image_roots: Iterable[str] | None = None,
+               **limits: Any) -> FastAPI:
     """The search app. Loads the model and the index now; any load error raises here (IndexLoadError,
-    CheckpointError). `allowed_hosts=None` accepts loopback names only; `("*",)` accepts any Host."""
-    limits = Limits(max_upload_bytes, max_pixels, max_k, max_query_chars, max_concurrency, body_timeout,
-                    queue_timeout, tuple(allowed_formats))
-    limits.check()
+    CheckpointError). `allowed_hosts=None` accepts loopback names only; `("*",)` accepts any Host.
+    `result_columns`: the metadata columns results carry (default: all but the file paths);
+    `image_roots`: folders thumbnails may come from (default: the folder holding all indexed images);
+    `limits`: fields of `Limits`."""
+    limits_ = Limits(**{k: tuple(v) if k == "allowed_formats" else v for k, v in limits.items()})
+    limits_.check()
     if api_key is not None and not api_key:
         raise ValueError("api_key must be a non-empty string or None")
     hosts = frozenset(h.lower() for h in (LOOPBACK_NAMES if allowed_hosts is None else allowed_hosts))
     page = {p: ((STATIC / f).read_bytes(), t) for p, (f, t) in ASSETS.items()}
     index_html = (STATIC / "index.html").read_bytes()
-    svc = Service(index_dir, model_dir, limits)
+    svc = Service(index_dir, model_dir, limits_, result_columns=result_columns, image_roots=image_roots)
     app = FastAPI(title="clipkit search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
     _add_error_handlers(app)
     _add_routes(app, svc, index_html, page)
     app.add_middleware(Guard, hosts=None if "*" in hosts else hosts, key=api_key,
-                       max_body=max_upload_bytes, body_timeout=body_timeout)
+                       max_body=limits_.max_upload_bytes, body_timeout=limits_.body_timeout, open_paths=OPEN_PATHS)
     if tuple(allow_origins):  # added last: outermost, so it answers preflights
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization"])
@@ -447,15 +319,15 @@ def create_app(index_dir: str | Path, model_dir: str | Path, *, api_key: str | N
 
 def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
+        return error_response(exc.status, exc.message, exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "bad request"
-        return _error(exc.status_code, detail.lower(), getattr(exc, "headers", None))
+        return error_response(exc.status_code, detail.lower(), getattr(exc, "headers", None))
 
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error on %s", request.url.path, exc_info=exc)
-        return _error(500, "internal server error")
+        return error_response(500, "internal server error")
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -517,31 +389,6 @@ def _add_routes(app: FastAPI, svc: Service, index_html: bytes, assets: dict) -> 
         return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
 
 
-def _protocol(header_timeout: float) -> type:
-    """uvicorn's h11 protocol plus a header deadline (uvicorn has none: a slowloris would hold forever)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
-
-        def _arm(self) -> None:
-            cycle = self.cycle  # a new request replaces it; then the deadline is void
-
-            def expire() -> None:
-                idle = cycle is None or cycle.response_complete
-                if self.cycle is cycle and idle and not self.transport.is_closing():
-                    self.transport.close()
-            self.loop.call_later(header_timeout, expire)
-
-    return Protocol
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
@@ -551,27 +398,72 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses other machines cannot reach."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse a non-loopback bind without an API key: anyone on the network could search and read
+    thumbnails, and with no Host check a web page could reach it through DNS rebinding."""
+    if is_loopback(host) or api_key is not None:
+        return
+    if not insecure_no_auth:
+        raise ValueError(f"refusing to serve on {host} without an API key: anyone who can reach it could "
+                         "search it. Pass --api-key-file FILE or set CLIPKIT_API_KEY (or api_key=), or "
+                         "--insecure-no-auth (insecure_no_auth=True) when a proxy in front authenticates")
+    log.warning("serving on %s with no API key (--insecure-no-auth): every client that reaches it can search", host)
+
+
+def configure_threads(max_concurrency: int, threads: int | None = None) -> int:
+    """Threads per search for torch and FAISS: the CPUs shared among `max_concurrency` searches, so
+    concurrent searches do not each spin up every core. Returns the count set."""
+    import faiss
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or max(1, cpus // max_concurrency)
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed blocks (decoded images) back to the OS: with its default, adaptive mmap
+    threshold, 16 MiB image blocks end up in arenas that are never trimmed, so RSS only grows."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    m_mmap_threshold = -3
+    ctypes.CDLL(None).mallopt(m_mmap_threshold, 1 * MiB)
 
 
 def run_server(index_dir: str | Path, model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, timeout_keep_alive: int = 5, header_timeout: float = 10.0,
-               max_connections: int = 256, access_log: bool = False,
-               on_ready: Callable[[str], None] | None = None, **limits: Any) -> None:
+               api_key: str | None = None, insecure_no_auth: bool = False, timeout_keep_alive: int = 5,
+               header_timeout: float = 5.0, max_connections: int = 512, max_pending_per_client: int = 16,
+               max_pending: int = 128, threads_per_search: int | None = None, access_log: bool = False,
+               on_ready: Callable[[str], None] | None = None, **options: Any) -> None:
     """Load, bind, call `on_ready("http://HOST:PORT")` (else log it), serve until SIGINT/SIGTERM. Port 0 picks
-    a free port. Load errors raise before the port is bound. `limits` go to `create_app`; a server
-    bound beyond loopback accepts any Host unless `allowed_hosts` is given."""
+    a free port. Load errors raise before the port is bound. A non-loopback `host` needs `api_key` (or
+    `insecure_no_auth=True`) and then accepts any Host unless `allowed_hosts` is given. `options` go to
+    `create_app` (`Limits` fields, result_columns, image_roots, allowed_hosts, allow_origins)."""
     import uvicorn
 
-    if not _is_loopback(host):
-        limits.setdefault("allowed_hosts", ("*",))
-    app = create_app(index_dir, model_dir, api_key=api_key, **limits)
+    check_exposure(host, api_key, insecure_no_auth)
+    if not is_loopback(host):
+        options.setdefault("allowed_hosts", ("*",))
+    _return_freed_memory()
+    configure_threads(options.get("max_concurrency", Limits.max_concurrency), threads_per_search)
+    app = create_app(index_dir, model_dir, api_key=api_key, **options)
     sock = _bind(host, port)
+    pending = Pending(per_client=max_pending_per_client, total=max_pending)
     config = uvicorn.Config(
-        app, http=_protocol(header_timeout), ws="none", lifespan="off", timeout_keep_alive=timeout_keep_alive,
-        h11_max_incomplete_event_size=16 * 1024, limit_concurrency=max_connections, access_log=access_log,
-        proxy_headers=False, server_header=False, timeout_graceful_shutdown=5, log_level="warning")
+        app, http=protocol_class(header_timeout, pending), ws="none", lifespan="off",
+        timeout_keep_alive=timeout_keep_alive, h11_max_incomplete_event_size=16 * 1024,
+        limit_concurrency=max_connections, access_log=access_log, proxy_headers=False, server_header=False,
+        timeout_graceful_shutdown=5, log_level="warning")
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}"
     on_ready(url) if on_ready is not None else log.warning("listening on %s", url)

@@ -21,9 +21,10 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ..model.config import PreprocessConfig
+from .augment import StyleAugment
 from .samples import Sample, make_loader, make_sample
 from ..errors import DataError, ImageLoadError
-from ..fileio import atomic_dir, files_fingerprint
+from ..fileio import atomic_dir, files_fingerprint, recover_dir, reserve_space
 from ..model.tokenizer import Tokenizer
 from ..model.transforms import Preprocess
 
@@ -90,6 +91,7 @@ class DecodedCache:
     def open(cls, path: Union[str, os.PathLike]) -> "DecodedCache":
         """Open a cache folder written by `build`; a missing, foreign or truncated one raises DataError."""
         path = Path(path)
+        recover_dir(path)  # a build killed mid-swap may have left the folder under its `.NAME.old-*` name
         try:
             header = json.loads((path / "header.json").read_text(encoding="utf-8"))
             index = json.loads((path / "images.json").read_text(encoding="utf-8"))
@@ -131,9 +133,11 @@ class DecodedCache:
 
 def _decode_into(file: Path, paths: list[str], cfg: PreprocessConfig, num_workers: int,
                  progress: bool) -> tuple[np.ndarray, dict[int, str]]:
-    """Fill a new memmap at `file` with the decoded images; return the valid mask and skip reasons by row."""
+    """Fill a new memmap at `file` with the decoded images; return the valid mask and skip reasons by row.
+    The file's space is reserved first: writing a sparse map on a full disk would kill the process (SIGBUS)."""
     s = cfg.image_size
-    pixels = np.memmap(file, np.uint8, "w+", shape=(len(paths), s, s, 3))
+    reserve_space(file, len(paths) * s * s * 3)
+    pixels = np.memmap(file, np.uint8, "r+", shape=(len(paths), s, s, 3))
     valid, skipped = np.zeros(len(paths), dtype=bool), {}
     loader = make_loader(_Decode(paths, cfg), 32, num_workers=num_workers, collate_fn=_as_list, pin_memory=False)
     for batch in tqdm(loader, desc="decoding images", unit="batch", disable=not progress):
@@ -148,10 +152,11 @@ def _decode_into(file: Path, paths: list[str], cfg: PreprocessConfig, num_worker
 
 
 class CachedPairDataset(Dataset):
-    """PairDataset's samples, read from a DecodedCache: uint8 -> normalised float, plus a random crop in train."""
+    """PairDataset's samples, read from a DecodedCache: uint8 -> normalised float, plus a random crop in train,
+    or `style`'s whole augmentation (background, colour, grey-scale, blur, crop) when it is given."""
 
     def __init__(self, table: pd.DataFrame, cache: DecodedCache, tokenizer: Tokenizer, cfg: PreprocessConfig,
-                 train: bool = False) -> None:
+                 train: bool = False, style: Optional[StyleAugment] = None) -> None:
         if _geometry(cfg) != _geometry(cache.cfg):
             raise DataError(f"{cache.path}: cache built for {_geometry(cache.cfg)}, not {_geometry(cfg)}; rebuild")
         rows = table["image"].astype(str).map(cache.rows)
@@ -164,6 +169,7 @@ class CachedPairDataset(Dataset):
         self.cache, self.tokenizer, self.cfg, self.train = cache, tokenizer, cfg, train
         ratio = (3 / 4, 4 / 3) if cfg.resize_mode == "shortest" else (1.0, 1.0)  # as Preprocess(train=True)
         self.crop = T.RandomResizedCrop(cfg.image_size, scale=(0.8, 1.0), ratio=ratio, antialias=True)
+        self.style = style
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -173,7 +179,9 @@ class CachedPairDataset(Dataset):
         if not self.cache.valid[row]:
             return {"skip": (str(self.images[i]), self.cache.skipped.get(row, "decode_error")), "index": int(i)}
         x = torch.from_numpy(np.array(self.cache.pixels[row])).permute(2, 0, 1)  # [S, S, 3] -> [3, S, S] uint8
-        if self.train:
+        if self.style is not None:
+            x = self.style(x)
+        elif self.train:
             x = self.crop(x)
         x = F.normalize(F.to_dtype(x, torch.float32, scale=True), list(self.cfg.mean), list(self.cfg.std))
         return make_sample(x, str(self.captions[i]), self.tokenizer, int(i))

@@ -14,11 +14,12 @@ import torch
 from ..errors import CheckpointError
 from ..fileio import atomic_dir
 from ..model.clip import CLIPModel
-from ..model.config import ModelConfig, PreprocessConfig, TextConfig, VisionConfig
+from ..model.config import (CLIP_VIT, OPENAI_MEAN, OPENAI_STD, ModelConfig, PreprocessConfig, TextConfig,
+                            VisionConfig, vision_kwargs)
 from ..model.factory import OPENAI_VOCAB, bind_tokenizer, tokenizer_for
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..model.towers import refuse_remote_code
-from .layout import CLIP_VIT, RenameTable, read_json, rename, vision_kwargs
+from .layout import RenameTable, read_json, rename
 from .weights import PathLike, StateDict, load_state, read_safetensors, safe_torch_load
 
 WEIGHTS = "model.safetensors"
@@ -107,22 +108,55 @@ def state_from_hf(sd: StateDict) -> StateDict:
     return out
 
 
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes in preprocessor_config.json
+
+
+def preprocess_from_hf(path: Path, image_size: int) -> PreprocessConfig:
+    """The image preprocessing of a CLIPImageProcessor's preprocessor_config.json (defaults without one)."""
+    file = path / "preprocessor_config.json"
+    if not file.exists():
+        return PreprocessConfig(image_size=image_size)
+    pp = read_json(file)
+    crop = pp.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+    size = pp.get("size", crop)
+    size = size.get("shortest_edge", crop) if isinstance(size, dict) else size
+    if size != crop or pp.get("resample", 3) not in _RESAMPLE:
+        raise CheckpointError(f"{file}: resize to {size} then crop {crop} (resample {pp.get('resample')}) is not a "
+                              "preprocessing clipkit reproduces (it resizes the short side to the crop size)")
+    return PreprocessConfig(image_size=int(crop), mean=tuple(pp.get("image_mean", OPENAI_MEAN)),
+                            std=tuple(pp.get("image_std", OPENAI_STD)), interpolation=_RESAMPLE[pp.get("resample", 3)])
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "vocab.json"))
+
+
+def read_tokenizer(path: Path, hf_cfg: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a Hugging Face CLIP directory: its own files, else OpenAI's BPE when the vocabulary is
+    OpenAI CLIP's (what every such repository uses); anything else is an error, never a stand-in."""
+    context = hf_cfg["text_config"].get("max_position_embeddings", 77)
+    if _has_tokenizer(path):
+        return load_tokenizer(path, context)
+    vocab = hf_cfg["text_config"].get("vocab_size")
+    if vocab != OPENAI_VOCAB:
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt) and the "
+                              f"vocabulary ({vocab} tokens) is not OpenAI CLIP's; "
+                              "copy the tokenizer files of the model this one was trained with into the directory")
+    return tokenizer_for(config_from_hf(hf_cfg, None))
+
+
 def read(path: Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
     """A Hugging Face CLIP directory as (config, clipkit state dict, tokenizer); remote code is refused."""
     hf_cfg = read_json(path / "config.json")
     refuse_remote_code(hf_cfg, str(path))
     weights = path / WEIGHTS
     sd = read_safetensors(weights) if weights.exists() else safe_torch_load(path / "pytorch_model.bin")
-    if any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
-        tok = load_tokenizer(path, hf_cfg["text_config"].get("max_position_embeddings", 77))
-        return config_from_hf(hf_cfg, tok.eot_token_id), state_from_hf(sd), tok
-    cfg = config_from_hf(hf_cfg, None)
-    if cfg.text.hf_config.get("vocab_size") != OPENAI_VOCAB:
-        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt) and the "
-                              f"vocabulary ({cfg.text.hf_config.get('vocab_size')} tokens) is not OpenAI CLIP's; "
-                              "copy the tokenizer files of the model this one was trained with into the directory")
-    tok = tokenizer_for(cfg)  # OpenAI's BPE: what every HF CLIP repository with this vocabulary uses
-    return bind_tokenizer(cfg, tok), state_from_hf(sd), tok
+    tok = read_tokenizer(path, hf_cfg)
+    own = _has_tokenizer(path)  # its own tokenizer files: the config's token ids stay as they are
+    cfg = config_from_hf(hf_cfg, tok.eot_token_id if own else None)
+    cfg.preprocess = preprocess_from_hf(path, hf_cfg["vision_config"]["image_size"])
+    return (cfg if own else bind_tokenizer(cfg, tok)), state_from_hf(sd), tok
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -172,8 +206,9 @@ def save_hf(model: CLIPModel, tokenizer: Tokenizer, directory: PathLike) -> Path
     load_state(hf, {k: v.detach().cpu() for k, v in state_to_hf(model.state_dict()).items()})
     pre = model.config.preprocess
     size = pre.image_size
+    resample = {v: k for k, v in _RESAMPLE.items()}[pre.interpolation]
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                   image_mean=list(pre.mean), image_std=list(pre.std))
+                                   image_mean=list(pre.mean), image_std=list(pre.std), resample=resample)
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         hf.save_pretrained(str(tmp))

@@ -1,7 +1,7 @@
-"""What the Hugging Face and OpenCLIP converters share: key rename tables and the timm CLIP ViT shape.
+"""What the Hugging Face and OpenCLIP converters share: key rename tables and reading JSON files.
 
-clipkit's CLIP-shaped model is a timm CLIP ViT (`visual.*`) plus a transformers CLIPTextModel
-(`text.*`), so both foreign layouts map onto it by renaming keys and fusing or splitting q/k/v.
+clipkit's CLIP-shaped model is a timm CLIP ViT (`visual.*`, `model.config.CLIP_VIT`) plus a transformers
+CLIPTextModel (`text.*`), so both foreign layouts map onto it by renaming keys and fusing or splitting q/k/v.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-CLIP_VIT = "vit_base_patch32_clip_224"  # timm entry point: pre-norm ViT with LayerNorm eps 1e-5
 RenameTable = list[tuple[str, str]]  # "^" marks a match at the start of a key only
 
 
@@ -26,14 +25,6 @@ def rename(key: str, table: RenameTable, reverse: bool = False) -> str:
         else:
             key = key.replace(src, dst)
     return key
-
-
-def vision_kwargs(width: int, layers: int, heads: int, mlp: int, image: int, patch: int, act: str) -> dict[str, Any]:
-    """`timm.create_model` keywords of a CLIP ViT of this shape."""
-    return {
-        "img_size": image, "patch_size": patch, "embed_dim": width, "depth": layers,
-        "num_heads": heads, "mlp_ratio": mlp / width, "act_layer": act,
-    }
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import ModelConfig
+from .groups import (Groups, batch_norms_within, frozen_by_groups, image_groups, is_clip_text, is_clip_vit,
+                     norm_names, text_groups, with_prefix)
 from .towers import build_image_tower, build_text_tower, pool_text, text_width
 
 Tokens = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -39,14 +41,15 @@ class CLIPModel(nn.Module):
         if text_model is None:
             text_model, config.text = build_text_tower(config.text)
         self.config = config
-        self.visual = build_image_tower(config.vision)
+        self.visual, config.vision = build_image_tower(config.vision)
         self.visual_proj = nn.Linear(self.visual.num_features, config.embed_dim, bias=config.proj_bias)
         self.text = text_model
         self.text_proj = nn.Linear(text_width(self.text), config.embed_dim, bias=config.proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         bias = config.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
-        self.locked: set[str] = set()
+        self.locked: set[str] = set()  # towers frozen whole (kept in eval mode)
+        self.frozen_stats: list[str] = []  # BatchNorm layers of frozen groups (kept in eval mode)
         for proj in (self.visual_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
             if proj.bias is not None:
@@ -57,9 +60,13 @@ class CLIPModel(nn.Module):
         return self.config.embed_dim
 
     def fingerprint(self) -> str:
-        """`sha256:<16 hex>` of the config and weights: the same model loaded from any format has the same id
-        (what an index records, so a query with another model is noticed)."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        """`sha256:<16 hex>` of the weights and the few config fields that change outputs for equal weights
+        (tower names, activation, pooling): the same model loaded from any format, or by a newer clipkit that
+        added config fields, has the same id. An index records it, so a query with another model is noticed."""
+        cfg = self.config
+        arch = [cfg.vision.timm_name, cfg.vision.timm_kwargs, cfg.text.hf_config.get("hidden_act"), cfg.text.pooling,
+                cfg.text.eot_token_id, cfg.embed_dim]
+        h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
@@ -79,8 +86,8 @@ class CLIPModel(nn.Module):
 
     def text_pooled(self, tokens: Tokens) -> torch.Tensor:
         """The text tower's pooled output before projection, `[B, W]` (cacheable when the tower is locked)."""
-        if isinstance(tokens, torch.Tensor):
-            ids, mask = tokens, None
+        if isinstance(tokens, torch.Tensor):  # raw ids, or a tokenizer's TokenIds carrying their mask
+            ids, mask = tokens, getattr(tokens, "attention_mask", None)
         else:
             ids, mask = tokens["input_ids"], tokens.get("attention_mask")
         device = self.logit_scale.device
@@ -116,19 +123,44 @@ class CLIPModel(nn.Module):
         scale, bias = self.scales()
         return ClipOutput(img, txt, scale, bias)
 
-    def lock_image_tower(self) -> None:
-        """Freeze the image tower (not its projection); its norm statistics stay fixed in train()."""
-        self._lock(self.visual, "image")
+    def lock_image_tower(self, unlocked_groups: Optional[int] = None, freeze_bn_stats: bool = False) -> None:
+        """Freeze the image tower; its projection still trains (LiT). `unlocked_groups=N` leaves the last N layer
+        groups trainable, counted as open_clip counts them (`clipkit.model.groups`; for a CLIP ViT the projection
+        is the last group, so N=0 freezes it too). `freeze_bn_stats`: BatchNorm layers in frozen groups keep
+        their running statistics. A tower frozen whole stays in eval mode in train()."""
+        proj = "visual_proj." if is_clip_vit(self.visual) else None
+        frozen = self._lock("image", with_prefix(image_groups(self.visual), "visual."), proj, unlocked_groups, set())
+        if freeze_bn_stats:
+            self.frozen_stats += ["visual." + n for n in batch_norms_within(self.visual, frozen, "visual.")]
+            self.train(self.training)
 
-    def lock_text_tower(self) -> None:
-        """Freeze the text tower (not its projection), e.g. a pretrained MiniLM while images learn."""
-        self._lock(self.text, "text")
+    def lock_text_tower(self, unlocked_layers: Optional[int] = None, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower (not its projection), e.g. a pretrained MiniLM while images learn.
+        `unlocked_layers=N` leaves the last N layer groups trainable, counted as open_clip counts them (a CLIP text
+        transformer's projection is the last group); `freeze_layer_norm=False` keeps LayerNorms trainable."""
+        keep = set() if freeze_layer_norm else norm_names(self.text, "text.", (nn.LayerNorm,))
+        proj = "text_proj." if is_clip_text(self.text) else None
+        self._lock("text", with_prefix(text_groups(self.text), "text."), proj, unlocked_layers, keep)
 
-    def _lock(self, tower: nn.Module, name: str) -> None:
-        for p in tower.parameters():
-            p.requires_grad_(False)
-        tower.eval()
-        self.locked.add(name)
+    def _lock(self, name: str, groups: Groups, proj: Optional[str], unlocked: Optional[int],
+              keep: set[str]) -> set[str]:
+        """Freeze the whole tower (`unlocked` None) or all but the last `unlocked` of its groups, followed by the
+        projection (the parameters under the prefix `proj`) when open_clip counts it as a group; `keep` trains."""
+        tower = self.visual if name == "image" else self.text
+        prefix = "visual." if name == "image" else "text."
+        if unlocked is None:
+            frozen = {prefix + n for n, _ in tower.named_parameters()}
+        else:
+            proj_group = [[n for n, _ in self.named_parameters() if n.startswith(proj)]] if proj else []
+            frozen = frozen_by_groups(groups + proj_group, unlocked)
+        frozen -= keep
+        for n, p in self.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        if not any(p.requires_grad for p in tower.parameters()):
+            tower.eval()
+            self.locked.add(name)
+        return frozen
 
     def train(self, mode: bool = True) -> "CLIPModel":
         super().train(mode)
@@ -136,6 +168,8 @@ class CLIPModel(nn.Module):
             self.visual.eval()
         if "text" in self.locked:
             self.text.eval()
+        for name in self.frozen_stats:
+            self.get_submodule(name).eval()
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

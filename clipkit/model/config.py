@@ -5,10 +5,13 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from ..errors import ClipkitError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_VIT = "vit_base_patch32_clip_224"  # timm entry point: pre-norm ViT with LayerNorm eps 1e-5, as in CLIP
 RESIZE_MODES = ("shortest", "longest", "squash")
 
 
@@ -32,10 +35,15 @@ class PreprocessConfig:
 
 @dataclass
 class VisionConfig:
-    """Image tower: any timm model name plus keyword overrides passed to `timm.create_model`."""
+    """Image tower: any timm model name plus keyword overrides passed to `timm.create_model`.
+
+    `pretrained` asks for weights at creation time only (never at load): True for timm's own pretrained
+    weights of `timm_name` (through its hub machinery), or the path of a local weights file.
+    """
 
     timm_name: str = "vit_tiny_patch16_224"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: Union[bool, str, None] = None
 
 
 @dataclass
@@ -47,7 +55,7 @@ class TextConfig:
     """
 
     hf_config: dict[str, Any] = field(default_factory=dict)
-    pretrained: Optional[str] = None  # local HF directory; read at creation time only, never at load
+    pretrained: Optional[str] = None  # local HF dir or hf-hub:org/name; read at creation time only, never at load
     pooling: str = "eot"  # eot (CLIP), cls, mean
     context_length: int = 77
     eot_token_id: Optional[int] = None  # which id marks end-of-text for eot pooling
@@ -86,19 +94,74 @@ class ModelConfig:
         )
 
 
-def clip_text_config(width: int, layers: int, heads: int, context: int, vocab: int, act: str) -> dict[str, Any]:
-    """A transformers `CLIPTextConfig` dict of the given shape (OpenAI CLIP uses mlp ratio 4)."""
+def clip_text_config(width: int, layers: int, heads: int, context: int, vocab: int, act: str,
+                     mlp: Optional[int] = None) -> dict[str, Any]:
+    """A transformers `CLIPTextConfig` dict of the given shape (MLP width `mlp`, default 4 x width)."""
     return {
         "model_type": "clip_text_model",
         "vocab_size": vocab,
         "hidden_size": width,
-        "intermediate_size": 4 * width,
+        "intermediate_size": mlp or 4 * width,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "max_position_embeddings": context,
         "hidden_act": act,
         "layer_norm_eps": 1e-5,
     }
+
+
+def vision_kwargs(width: int, layers: int, heads: int, mlp: int, image: int, patch: int, act: str) -> dict[str, Any]:
+    """`timm.create_model` keywords of a CLIP ViT (`CLIP_VIT`) of this shape."""
+    ratio = mlp / width
+    if int(width * ratio) != mlp:  # timm builds int(width * ratio) units, and 392 / 88 * 88 is 391.99...
+        ratio = (mlp + 0.5) / width
+    return {
+        "img_size": image, "patch_size": patch, "embed_dim": width, "depth": layers,
+        "num_heads": heads, "mlp_ratio": ratio, "act_layer": act,
+    }
+
+
+_OC_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+_OC_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+
+
+def openclip_model_config(d: dict[str, Any]) -> Optional[ModelConfig]:
+    """The clipkit config of an open_clip model config dict (`open_clip.get_model_config`), or None when its
+    towers are not the plain CLIP ViT and text transformer clipkit builds (timm/HF towers, ResNets, SigLIP)."""
+    v, t = d.get("vision_cfg", {}), d.get("text_cfg", {})
+    if set(d) - {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"} or set(v) - _OC_VISION or set(t) - _OC_TEXT:
+        return None
+    if not isinstance(v.get("layers"), int) or not v.get("patch_size"):
+        return None
+    act = "quick_gelu" if d.get("quick_gelu", False) else "gelu"  # open_clip's default is GELU
+    width, image = v["width"], v["image_size"]
+    vk = vision_kwargs(width, v["layers"], width // v.get("head_width", 64), int(width * v.get("mlp_ratio", 4.0)),
+                       image, v["patch_size"], act)
+    tw = t["width"]
+    text = clip_text_config(tw, t["layers"], t["heads"], t["context_length"], t["vocab_size"], act,
+                            int(tw * t.get("mlp_ratio", 4.0)))
+    return ModelConfig(embed_dim=d["embed_dim"], vision=VisionConfig(CLIP_VIT, vk),
+                       text=TextConfig(text, pooling="eot", context_length=t["context_length"]),
+                       preprocess=PreprocessConfig(image_size=image))
+
+
+_OPENCLIP_CONFIGS: dict[str, dict[str, Any]] = {}
+
+
+def _openclip_configs() -> Optional[dict[str, dict[str, Any]]]:
+    """open_clip's model configs by name (read once), or None without the open_clip_torch package."""
+    if not _OPENCLIP_CONFIGS:
+        try:
+            import open_clip
+        except ImportError:
+            return None
+        _OPENCLIP_CONFIGS.update({name: open_clip.get_model_config(name) for name in open_clip.list_models()})
+    return _OPENCLIP_CONFIGS
+
+
+def openclip_names() -> list[str]:
+    """open_clip model names clipkit builds: the CLIP ViTs (`ViT-B-32`, `ViT-B-32-quickgelu`, `ViT-L-14`, ...)."""
+    return sorted(n for n, d in (_openclip_configs() or {}).items() if openclip_model_config(d) is not None)
 
 
 def minilm_dir() -> Optional[str]:
@@ -122,15 +185,6 @@ def _tiny() -> ModelConfig:
     )
 
 
-def _vit_b_32() -> ModelConfig:
-    return ModelConfig(
-        embed_dim=512,
-        vision=VisionConfig("vit_base_patch32_clip_224", {"act_layer": "quick_gelu"}),
-        text=TextConfig(clip_text_config(512, 12, 8, 77, 49408, "quick_gelu"), context_length=77),
-        preprocess=PreprocessConfig(image_size=224),
-    )
-
-
 def _tiny_minilm() -> ModelConfig:
     return ModelConfig(
         embed_dim=384,
@@ -140,15 +194,24 @@ def _tiny_minilm() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "ViT-B-32": _vit_b_32, "tiny-minilm": _tiny_minilm}
+PRESETS = {"tiny": _tiny, "tiny-minilm": _tiny_minilm}  # clipkit's own; open_clip's CLIP ViTs come beside them
 
 
 def list_presets() -> list[str]:
-    return sorted(PRESETS)
+    """Every model name `create_model` accepts: clipkit's presets and open_clip's CLIP ViT names."""
+    return sorted(set(PRESETS) | set(openclip_names()))
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh copy of a named preset's config."""
-    if name not in PRESETS:
+    """A fresh copy of a named config: clipkit's preset, or open_clip's model config of that name (open_clip's
+    convention: `ViT-B-32` uses GELU, `ViT-B-32-quickgelu` QuickGELU)."""
+    if name in PRESETS:
+        return copy.deepcopy(PRESETS[name]())
+    configs = _openclip_configs()
+    if configs is None:
+        raise ClipkitError(f"model {name!r}: open_clip's model names need the open_clip_torch package, which is "
+                           "not installed: pip install open_clip_torch")
+    cfg = openclip_model_config(configs[name]) if name in configs else None
+    if cfg is None:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
-    return copy.deepcopy(PRESETS[name]())
+    return cfg

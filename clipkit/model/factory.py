@@ -1,4 +1,9 @@
-"""create_model / get_tokenizer: fresh models from a preset name plus keyword overrides (timm style)."""
+"""Fresh models from a name plus keyword overrides (timm style), and the tokenizer that fits each.
+
+Names are clipkit's presets and open_clip's CLIP ViT names (`model.config.list_presets()`). Pretrained CLIP
+weights by name (`pretrained=...`, `hf-hub:`) are read one layer up, in `clipkit.formats.pretrained`; the
+towers here can still start from pretrained weights of their own (a transformers text model, timm weights).
+"""
 from __future__ import annotations
 
 import copy
@@ -21,6 +26,7 @@ def resolve_config(
     *,
     text_tower: Optional[str] = None,
     image_tower: Optional[str] = None,
+    image_pretrained: Union[bool, str, None] = None,
     image_size: Optional[int] = None,
     embed_dim: Optional[int] = None,
     quick_gelu: Optional[bool] = None,
@@ -33,18 +39,24 @@ def resolve_config(
     """A preset's config (or a copy of the given config) with the overrides applied; unset (None) options keep
     the preset's value.
 
-    `text_tower` is `hf:/dir` (any local transformers checkpoint), `minilm`, or `clip` (fresh CLIP text
-    transformer of the preset's shape). `image_tower` is any timm name; its preprocessing (size, mean/std,
-    interpolation) comes from timm's pretrained config unless `image_size` says otherwise. Extra keyword
-    arguments go to `timm.create_model`.
+    `text_tower` is a pretrained transformers model, `hf-hub:org/name` (fetched through huggingface_hub) or
+    `hf:/dir` (a local checkpoint), or `minilm`, or `clip` (fresh CLIP text transformer of the preset's shape).
+    `image_tower` is any timm name, random unless `image_pretrained` is True (timm's own pretrained weights,
+    through its hub machinery) or a local weights file; `timm/<name>` means `<name>` with timm's pretrained
+    weights. Its preprocessing (size, mean/std, interpolation) comes from timm's pretrained config unless
+    `image_size` says otherwise. Extra keyword arguments go to `timm.create_model`.
     """
     cfg = get_preset(name) if isinstance(name, str) else copy.deepcopy(name)
     if text_tower is not None and text_tower != "clip":
         cfg.text.pretrained, cfg.text.hf_config = text_tower, {}
         cfg.text.pooling = "mean"
     if image_tower is not None:
+        if image_tower.startswith("timm/"):
+            image_tower, image_pretrained = image_tower[len("timm/"):], image_pretrained or True
         cfg.vision.timm_name, cfg.vision.timm_kwargs = image_tower, {}
         cfg.preprocess = timm_preprocess(image_tower, cfg.preprocess)
+    if image_pretrained is not None:
+        cfg.vision.pretrained = image_pretrained
     if image_size is not None:
         cfg.preprocess.image_size = image_size
         if "img_size" in cfg.vision.timm_kwargs or image_tower is None or _takes_img_size(cfg.vision.timm_name):
@@ -77,7 +89,7 @@ def _takes_img_size(timm_name: str) -> bool:
 
 def timm_preprocess(timm_name: str, base: PreprocessConfig) -> PreprocessConfig:
     """`base` with the input size, mean/std and interpolation of the timm model's pretrained config."""
-    pretrained = timm.get_pretrained_cfg(timm_name.removeprefix("timm/"))
+    pretrained = timm.get_pretrained_cfg(timm_name)
     if pretrained is None:
         raise ClipkitError(f"unknown timm model {timm_name!r}; see timm.list_models()")
     out = copy.deepcopy(base)

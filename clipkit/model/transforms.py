@@ -35,6 +35,14 @@ _EXACT_MAX_SIDE = 8  # shortest mode: intermediates up to 8 S long are resized w
 _INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
+# Pillow warns about metadata it cannot parse (EXIF, TIFF tags, APNG, MPO, ICO sizes, XMP without defusedxml) and
+# about images over its own pixel limit; `load_image` already treats such metadata as absent and enforces its own
+# cap. These filters are installed once here: `warnings.catch_warnings()` per call is process-global and not
+# thread-safe (concurrent decodes left an "ignore" at the front of the filter list, hiding every later warning).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.\w+ImagePlugin\Z")
+warnings.filterwarnings("ignore", message="XMP data cannot be read without defusedxml", module=r"PIL\.Image\Z")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image\Z")
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 Box = tuple[float, float, float, float]
 
@@ -106,9 +114,10 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     elif img.mode == "F":
         img = _float_to_l(img)
     if img.mode in _ALPHA_MODES or img.has_transparency_data:
-        rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, background)
+        out.paste(rgba, mask=rgba)  # in place, bit-equal to alpha_composite, without full-size RGBA copies
+        return out
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -126,23 +135,21 @@ def load_image(
     An upright RGB PIL image given as `src` is returned as is, not copied.
     """
     name = _describe(src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow warns on bombs, odd palettes and EXIF we already handle
-        with _opened(src, name) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError(name, "too_large", f"{w}x{h} pixels exceeds max_pixels={max_pixels}")
-            if min_size and img.format in ("JPEG", "MPO") and not isinstance(src, Image.Image):
-                img.draft("RGB", (min_size, min_size))
-            try:
-                img.load()  # force the full decode: truncation only shows here (verify() misses it)
-                return _to_rgb(_exif_upright(img), background)
-            except Image.DecompressionBombError as e:
-                raise ImageLoadError(name, "too_large", str(e)) from None
-            except MemoryError:
-                raise ImageLoadError(name, "too_large", "out of memory while decoding") from None
-            except Exception as e:
-                raise ImageLoadError(name, "decode_error", f"{type(e).__name__}: {e}") from None
+    with _opened(src, name) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageLoadError(name, "too_large", f"{w}x{h} pixels exceeds max_pixels={max_pixels}")
+        if min_size and img.format in ("JPEG", "MPO") and not isinstance(src, Image.Image):
+            img.draft("RGB", (min_size, min_size))
+        try:
+            img.load()  # force the full decode: truncation only shows here (verify() misses it)
+            return _to_rgb(_exif_upright(img), background)
+        except Image.DecompressionBombError as e:
+            raise ImageLoadError(name, "too_large", str(e)) from None
+        except MemoryError:
+            raise ImageLoadError(name, "too_large", "out of memory while decoding") from None
+        except Exception as e:
+            raise ImageLoadError(name, "decode_error", f"{type(e).__name__}: {e}") from None
 
 
 def _resize_shortest(img: Image.Image, size: int, resample: int) -> Image.Image:

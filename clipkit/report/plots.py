@@ -132,6 +132,22 @@ def plot_loss_curve(
     _save(fig, out_png)
 
 
+def plot_tradeoff(x: Sequence[float], y: Sequence[float], labels: Sequence[str], out_png: PathLike, *,
+                  xlabel: str, ylabel: str, title: str = "") -> None:
+    """A line through labelled points, e.g. WiSE-FT: reference-domain score vs new-domain score per mixing weight."""
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
+    ax.plot(x, y, marker="o", linewidth=1)
+    for xi, yi, label in zip(x, y, labels):
+        ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    _tight(fig)
+    _save(fig, out_png)
+
+
 # --- contact sheets (PIL) ------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from ..data.samples import PairDataset, make_loader
 from ..data.tables import read_folder, read_pairs, read_raw, resolve_images
 from ..embed import Embedder, as_embedder
 from ..errors import DataError
-from ..fileio import atomic_path, files_fingerprint, write_json_atomic
+from ..fileio import atomic_path, check_free_space, files_fingerprint, reserve_space, write_json_atomic
 from .build import eval_rows, make_index, resolve_factory, train, train_rows
 from .exact import check_vectors, drop_self, exact_search_blocks
 from .index import SearchIndex, tune
@@ -355,6 +355,13 @@ def _add_blocks(d: Path, info: dict, meta: pd.DataFrame, trained: str, work: Pat
     return blocks
 
 
+def _vectors_memmap(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A new float32 .npy memmap whose space is reserved: writing a sparse map on a full disk is SIGBUS."""
+    vectors = np.lib.format.open_memmap(path, "w+", np.float32, shape)
+    reserve_space(path, path.stat().st_size)
+    return vectors
+
+
 def build_ivf_ondisk(emb_dir: PathLike, out_dir: PathLike, factory: str, *, train_sample: int = 100_000,
                      seed: int = 0, keep_vectors: bool = True, progress: bool = True) -> SearchIndex:
     """IVF index for collections larger than memory: train on a sample, index each chunk separately, then
@@ -376,11 +383,12 @@ def build_ivf_ondisk(emb_dir: PathLike, out_dir: PathLike, factory: str, *, trai
         live = np.flatnonzero(ok)  # the rows SearchIndex.build would train on: the same seeded choice
         train(index, check_vectors(_gather(d, info, live[train_rows(live.size, train_sample, seed)])))
         faiss.write_index(index, str(work / "trained.index"))
-        vectors = (np.lib.format.open_memmap(work / "vectors.npy", "w+", np.float32, (len(ok), info["dim"]))
-                   if keep_vectors else None)
+        vectors = _vectors_memmap(work / "vectors.npy", (len(ok), info["dim"])) if keep_vectors else None
         blocks = _add_blocks(d, info, meta, str(work / "trained.index"), work, vectors, progress)
         wrapped = faiss.IndexIDMap2(faiss.read_index(str(work / "trained.index")))
         inner = faiss.downcast_index(wrapped.index)
+        # FAISS sizes the list file with truncate() and writes it through mmap: on a full disk, SIGBUS
+        check_free_space(work / "lists.ivfdata", int(ok.sum()) * (inner.code_size + 8))
         with c_stdout_to_stderr():  # merge_ondisk printf()s the file size
             merge_ondisk(inner, blocks, str(work / "lists.ivfdata"))
         wrapped.ntotal = inner.ntotal

@@ -3,14 +3,17 @@
 Search follows FAISS contrib conventions: arrays in, `(scores [nq, k] float32, ids [nq, k] int64)` out,
 an index kind named by its factory string. Ids are row numbers of `metadata`; removed rows are
 tombstoned so ids never move. Per-call knobs (nprobe, efSearch, id filters) travel in
-`faiss.SearchParameters*` objects, so one index can serve many threads at once. Building (factory
-rule, training, tuning) lives in `build`, the directory format in `io`.
+`faiss.SearchParameters*` objects, so one index can serve many threads at once; `add`/`remove` take a
+writer lock that searches share as readers. Filter strings follow the grammar in `filters` (never
+`eval`). Building (factory rule, training, tuning) lives in `build`, the directory format in `io`.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from ..fileio import json_safe
 from .build import eval_rows, make_index, resolve_factory, search_params, train, train_rows, tune_knobs
 from .exact import (check_vectors, clean_results, drop_self, empty_results, exact_search, exact_search_blocks,
                     hit_rate, pad_results)
+from .filters import Compare, Logic, Member, filter_mask
 from .io import DELETED_COL, FORMAT_VERSION, IndexFiles, core_index, read_index_dir, write_index_dir
 
 MAX_K = 10_000
@@ -50,6 +54,39 @@ def _check_metadata(metadata: Any, n: int) -> pd.DataFrame:
     return meta
 
 
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds off new readers, so edits are not starved."""
+
+    def __init__(self) -> None:
+        self._cond, self._readers, self._writer, self._waiting = threading.Condition(), 0, False, 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writer and not self._readers)
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class SearchIndex:
     """A FAISS index (in an IndexIDMap2) + metadata rows + optional exact vectors for reranking."""
 
@@ -61,6 +98,7 @@ class SearchIndex:
         self.deleted = np.zeros(len(metadata), bool) if deleted is None else deleted
         in_index = faiss.vector_to_array(index.id_map).astype(np.int64)
         self._masked = np.sort(in_index[self.deleted[in_index]])  # removed, but the index can't drop them
+        self.lock = ReadWriteLock()  # searches read, add/remove write
 
     def __len__(self) -> int:
         """Number of live (searchable) vectors."""
@@ -124,14 +162,8 @@ class SearchIndex:
         if filter is None:
             return None
         rows = len(self.metadata)
-        if isinstance(filter, str):
-            try:
-                res = self.metadata.eval(filter)
-            except Exception as e:  # pandas raises many types for a bad expression
-                raise ValueError(f"invalid filter {filter!r}: {e}") from None
-            if not isinstance(res, pd.Series) or not pd.api.types.is_bool_dtype(res.dtype):
-                raise ValueError(f"filter {filter!r} must evaluate to a boolean per row")
-            mask = res.fillna(False).to_numpy(dtype=bool)
+        if isinstance(filter, (str, Compare, Member, Logic)):
+            mask = filter_mask(filter, self.metadata)
         elif isinstance(filter, Mapping):
             mask = np.ones(rows, bool)
             for col, want in filter.items():
@@ -193,10 +225,15 @@ class SearchIndex:
         Queries are L2-normalised, so scores are cosine similarities. When fewer than k rows match,
         rows are padded with id -1 and score -inf; `results()` drops them. `rerank=r` re-scores k*r
         candidates exactly; `mmr=lambda` re-selects k of k*max(r, 4) candidates for diversity (scores
-        are then query similarities in selection order). `filter` is a pandas expression over the
-        metadata (trusted input only: pandas evaluates it), a {column: value(s)} mapping, a boolean
-        mask or an array of ids. Thread-safe with other searches, not with add/remove.
+        are then query similarities in selection order). `filter` is a filter string (see `filters`:
+        `style == "noto" and year >= 2020`; parsed, never evaluated as code) or its parsed tree, a
+        {column: value(s)} mapping, a boolean mask or an array of ids. Thread-safe, also with add/remove.
         """
+        with self.lock.reading():
+            return self._search(queries, k, nprobe, ef_search, rerank, filter, mmr)
+
+    def _search(self, queries: Any, k: Any, nprobe: Any, ef_search: Any, rerank: Any, filter: Any,
+                mmr: Any) -> tuple[np.ndarray, np.ndarray]:
         q, k = self._check_queries(queries), _check_k(k)
         self._check_knobs(nprobe, ef_search, rerank, mmr)
         allowed = self._allowed_ids(filter)
@@ -210,6 +247,10 @@ class SearchIndex:
 
     def results(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
         """Result objects `{"id", "score", **metadata}` per query, best first, JSON-safe, no -1 padding."""
+        with self.lock.reading():
+            return self._results(scores, ids)
+
+    def _results(self, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
         out = []
         for s_row, i_row in zip(np.atleast_2d(scores), np.atleast_2d(ids)):
             keep = i_row >= 0
@@ -223,9 +264,13 @@ class SearchIndex:
         return out
 
     def add(self, vectors: np.ndarray, metadata_rows: Any = None) -> np.ndarray:
-        """Append vectors (and their metadata rows); returns their new ids. Not thread-safe."""
+        """Append vectors (and their metadata rows); returns their new ids. Waits for running searches."""
         x = self._check_queries(vectors, "vectors")
         rows = _check_metadata(metadata_rows, len(x))
+        with self.lock.writing():
+            return self._add(x, rows)
+
+    def _add(self, x: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
         ids = np.arange(len(self.metadata), len(self.metadata) + len(x), dtype=np.int64)
         if not len(x):
             return ids
@@ -238,7 +283,10 @@ class SearchIndex:
 
     def remove(self, ids: Any) -> int:
         """Tombstone rows by id so ids stay stable; returns how many live rows were removed."""
-        ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        with self.lock.writing():
+            return self._remove(np.unique(np.asarray(ids, dtype=np.int64).ravel()))
+
+    def _remove(self, ids: np.ndarray) -> int:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.metadata)):
             raise ValueError(f"ids to remove must be in 0..{len(self.metadata) - 1}")
         ids = ids[~self.deleted[ids]]
@@ -263,8 +311,9 @@ class SearchIndex:
 
     def save(self, directory: str | Path) -> Path:
         """Write the index directory atomically: old or new, never a mix, with a sha256 manifest."""
-        return write_index_dir(directory, IndexFiles(self.index, self.metadata, self.deleted, self.vectors,
-                                                     self.info()))
+        with self.lock.reading():  # no edit lands halfway through the files
+            return write_index_dir(directory, IndexFiles(self.index, self.metadata, self.deleted, self.vectors,
+                                                         self.info()))
 
     @classmethod
     def load(cls, directory: str | Path, *, expected_dim: int | None = None, mmap: bool = True,

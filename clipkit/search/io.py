@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import IndexLoadError
-from ..fileio import atomic_dir, atomic_path, verify_manifest, write_json_atomic, write_manifest
+from ..fileio import atomic_dir, atomic_path, recover_dir, verify_manifest, write_json_atomic, write_manifest
 
 FORMAT_VERSION = 1
 DELETED_COL = "__deleted__"
@@ -38,6 +38,8 @@ def read_info(d: Path) -> dict:
     path = d / "index.json"
     if not path.is_file():
         raise IndexLoadError(f"{d}: not an index directory (missing index.json)")
+    if path.is_symlink():  # read before the manifest is checked: never follow it out of the directory
+        raise IndexLoadError(f"{path}: is a symbolic link; an index directory holds regular files only")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
         version = info["format_version"]
@@ -165,10 +167,12 @@ def write_index_dir(directory: str | Path, files: IndexFiles) -> Path:
 
 
 def read_index_dir(directory: str | Path, expected_dim: int | None, mmap: bool, verify: bool) -> IndexFiles:
-    """Read and cross-check an index directory; any inconsistency raises IndexLoadError."""
+    """Read and cross-check an index directory; any inconsistency raises IndexLoadError. With `verify`, every
+    file in it must be listed in its manifest and match (regular files only: no symlinks, devices, subpaths)."""
     d = Path(directory)
+    recover_dir(d)  # a save killed mid-swap may have left the directory under its `.NAME.old-*` name
     info = read_info(d)
-    if verify and not verify_manifest(d, IndexLoadError):
+    if verify and not verify_manifest(d, IndexLoadError, complete=True):
         raise IndexLoadError(f"{d}: missing manifest.json (pass verify=False to skip checksums)")
     index = read_faiss(d / "index.faiss")
     check_index(d, index, info, expected_dim)

@@ -113,8 +113,10 @@ def clean_stale(root: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Verify and load one checkpoint into `model`; returns its train state."""
-    verify_manifest(path, CheckpointError)
+    """Verify and load one checkpoint into `model`; returns its train state. A checkpoint without its manifest is
+    not committed (or was tampered with) and is refused."""
+    if not verify_manifest(path, CheckpointError, complete=True):
+        raise CheckpointError(f"{path}: no manifest.json: not a committed checkpoint")
     load_state(model, read_safetensors(path / "model.safetensors"))
     try:
         return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)

@@ -18,11 +18,15 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ..data.augment import StyleAugment
 from ..data.cache import CachedPairDataset, DecodedCache
 from ..data.samples import PairDataset, SkipCounter
 from ..data.tables import read_pairs
 from ..fileio import files_fingerprint
+from ..errors import ClipkitError
 from ..formats.auto import load as load_model
+from ..formats.hub import is_pretrained_name
+from ..formats.pretrained import create_model_and_tokenizer
 from ..model.clip import CLIPModel
 from ..model.config import PreprocessConfig
 from ..model.factory import bind_tokenizer, resolve_config, tokenizer_for
@@ -50,22 +54,32 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def build_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> tuple[CLIPModel, Tokenizer]:
-    """The model and tokenizer a run starts from (loaded, or fresh from a preset), with the run's options
-    applied: a SigLIP bias, locked towers, gradient checkpointing."""
-    if Path(cfg.model).exists():
+    """The model and tokenizer a run starts from (pretrained by name, loaded from disk, or fresh from a preset),
+    with the run's options applied: a SigLIP bias, locked towers or layer groups, gradient checkpointing."""
+    if cfg.pretrained is not None or is_pretrained_name(cfg.model):
+        if cfg.text_tower is not None:
+            raise ClipkitError("text_tower replaces a preset's text tower; pretrained weights bring their own")
+        model, tok = create_model_and_tokenizer(cfg.model, cfg.pretrained)
+    elif Path(cfg.model).exists():
         model, _, tok = load_model(cfg.model, arch=cfg.arch)
     else:
         model, tok = fresh_model(cfg, captions, out, rank)
     if cfg.loss == "siglip" and model.logit_bias is None:
         model.logit_bias = nn.Parameter(torch.tensor(-10.0))
         model.config.init_logit_bias = -10.0
-    if cfg.lock_image:
-        model.lock_image_tower()
-    if cfg.lock_text:
-        model.lock_text_tower()
+    lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, tok
+
+
+def lock_towers(model: CLIPModel, cfg: TrainConfig) -> None:
+    """`lock_image`/`lock_text` freeze a tower whole (its projection trains); `*_unlocked_groups/layers=N` freeze
+    all but the last N layer groups, counted as open_clip counts them (`clipkit.model.groups`)."""
+    if cfg.lock_image or cfg.lock_image_unlocked_groups is not None:
+        model.lock_image_tower(cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text or cfg.lock_text_unlocked_layers is not None:
+        model.lock_text_tower(cfg.lock_text_unlocked_layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
 
 
 def fresh_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> tuple[CLIPModel, Tokenizer]:
@@ -169,14 +183,15 @@ def build_data(cfg: TrainConfig, table: pd.DataFrame, model: CLIPModel, tokenize
     if cfg.cache_images:
         cache = decoded_cache(table, pcfg, out / "image_cache", rank, world, cfg.progress)
         table = drop_unreadable(table, cache, skips, cfg.max_bad_fraction)
-        ds: Dataset = CachedPairDataset(table, cache, tokenizer, pcfg, train=cfg.augment)
+        style = StyleAugment(pcfg.image_size) if cfg.style_augment else None
+        ds: Dataset = CachedPairDataset(table, cache, tokenizer, pcfg, train=cfg.augment, style=style)
     else:
         ds = PairDataset(table, Preprocess(pcfg, train=cfg.augment), tokenizer)
     sampler = EpochSampler(len(table), cfg.batch_size, cfg.seed, rank, world)
     if sampler.batches_per_epoch == 0:
         raise TrainingError(f"{len(table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {world})")
     text_cache = None
-    if cfg.lock_text:
+    if "text" in model.locked:  # frozen whole and in eval mode: each caption's features never change
         text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0)
     return RunData(table, SeededSamples(ds, len(table), cfg.seed), sampler, text_cache, data_fingerprint(table))
 
@@ -205,8 +220,10 @@ def drop_unreadable(table: pd.DataFrame, cache: DecodedCache, skips: SkipCounter
 
 @torch.no_grad()
 def locked_text_features(model: CLIPModel, tokenizer: Tokenizer, captions: list[str], progress: bool) -> torch.Tensor:
-    """Pooled features of every caption through the locked text tower, computed once: `[N, W]`."""
+    """Pooled features of every caption through the locked text tower, computed once per distinct caption: `[N, W]`."""
+    unique = list(dict.fromkeys(captions))  # many rows share a caption (one emoji in several art styles)
     chunks = []
-    for i in tqdm(range(0, len(captions), 256), desc="locked text tower", disable=not progress):
-        chunks.append(model.text_pooled(tokenizer(captions[i: i + 256])).float().cpu())
-    return torch.cat(chunks)
+    for i in tqdm(range(0, len(unique), 256), desc="locked text tower", disable=not progress):
+        chunks.append(model.text_pooled(tokenizer(unique[i: i + 256])).float().cpu())
+    row = {c: i for i, c in enumerate(unique)}
+    return torch.cat(chunks)[torch.tensor([row[c] for c in captions], dtype=torch.long)]

@@ -23,12 +23,13 @@ from ..data.samples import SkipCounter, make_loader
 from ..fileio import write_json_atomic
 from ..formats.native import save as save_model_dir
 from ..model.clip import CLIPModel
+from ..model.groups import image_groups, text_groups, with_prefix
 from . import runstate
 from .config import TrainConfig, TrainingError, config_dict
 from .losses import create_loss, grad_cache_step
 from .runstate import Position, SaveHook
 from .setup import build_data, build_model, init_distributed, read_run_table
-from .validation import evaluate_model, mix_weights, validation_score
+from .validation import evaluate_model, validation_score, wise_ft_sweep
 
 log = logging.getLogger("clipkit.train")
 NO_DECAY = ("embedding", "cls_token", "pos_embed")  # token/position tables; biases, norms and scales are 1-D
@@ -37,15 +38,24 @@ StepHook = Callable[[int], None]  # called with the step number after each step 
 __all__ = ["StepHook", "TrainConfig", "Trainer", "TrainingError", "cosine_with_warmup", "param_groups", "train"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms, embeddings, tokens and the logit scale/bias."""
-    decay, no_decay = [], []
+def param_groups(model: CLIPModel, weight_decay: float, lr: float, layer_decay: float = 1.0,
+                 proj_lr: Optional[float] = None) -> list[dict[str, Any]]:
+    """AdamW groups. No weight decay on biases, norms, embeddings, tokens and the logit scale/bias. Layer-wise lr
+    decay: a tower's layer group k below its top (`clipkit.model.groups`) trains at `lr * layer_decay**k`; the
+    projections and the logit scale/bias at `proj_lr` (default `lr`). Frozen parameters are left out."""
+    below_top: dict[str, int] = {}
+    for groups in (with_prefix(image_groups(model.visual), "visual."), with_prefix(text_groups(model.text), "text.")):
+        for i, group in enumerate(groups):
+            below_top.update({name: len(groups) - 1 - i for name in group})
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or any(k in name for k in NO_DECAY)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        rate = lr * layer_decay ** below_top[name] if name in below_top else (lr if proj_lr is None else proj_lr)
+        decay = 0.0 if p.ndim < 2 or any(k in name for k in NO_DECAY) else weight_decay
+        buckets.setdefault((rate, decay), []).append(p)
+    order = sorted(buckets, key=lambda key: (-key[0], -key[1]))  # the top lr first, decayed before not decayed
+    return [{"params": buckets[key], "lr": key[0], "weight_decay": key[1]} for key in order]
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -123,7 +133,8 @@ class Trainer:
         warmup = min(cfg.warmup_steps, self.total_steps // 2)
         if warmup < cfg.warmup_steps:
             log.warning("warmup_steps %d is over half of the %d steps: using %d", cfg.warmup_steps, self.total_steps, warmup)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+        groups = param_groups(self.model, cfg.weight_decay, cfg.lr, cfg.lr_layer_decay, cfg.proj_lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98),
                                            eps=1e-6, fused=True)  # one kernel for all tensors (CPU and CUDA)
         self.scheduler = cosine_with_warmup(self.optimizer, warmup, self.total_steps)
 
@@ -307,21 +318,11 @@ class Trainer:
         return summary
 
     def _wise_ft(self) -> dict[str, Any]:
-        """Interpolate initial and fine-tuned weights; report initial, fine-tuned and mix on the new domain
-        (validation table) and, with `reference_data`, on the starting model's domain: the trade-off."""
-        alpha = float(self.cfg.wise_ft)
+        """The WiSE-FT sweep between the starting and the fine-tuned weights, on the validation table (the new
+        domain) and `reference_data` (the starting model's domain): `validation.wise_ft_sweep`."""
         ref = read_run_table(self.cfg.reference_data, self.cfg) if self.cfg.reference_data else None
-        report: dict[str, Any] = {"alpha": alpha, **({"reference": {}} if ref is not None else {})}
-        tuned = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        mixed = mix_weights(self.initial_state, tuned, alpha)
-        save_model_dir(self.model, self.tokenizer, self.out / "model_finetuned")
-        for name, state in (("finetuned", tuned), ("initial", self.initial_state), ("wise_ft", mixed)):
-            self.model.load_state_dict(state)
-            report[name] = self.evaluate()
-            if ref is not None:
-                report["reference"][name] = self.evaluate(table=ref)
-        save_model_dir(self.model, self.tokenizer, self.out / "model")  # the mixed weights are loaded last
-        return report
+        return wise_ft_sweep(self.model, self.tokenizer, self.device, self.initial_state, self.cfg.wise_ft, self.out,
+                             self.val_table, ref, self.cfg.val_templates)
 
 
 def plot_losses(out: Path) -> None:

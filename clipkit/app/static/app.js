@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let blobUrls = [];
+let maxPixels = 1000000;  // the server's decode cap, from /healthz: larger images are shrunk here first
 
 function apiHeaders() {
   const key = $("key").value.trim();
@@ -53,12 +54,15 @@ function card(hit) {
   const text = document.createElement("div");
   text.className = "caption";
   text.textContent = hit.caption == null ? "" : String(hit.caption);
-  const path = document.createElement("div");
-  path.className = "path";
-  const fullPath = hit.image == null ? "" : String(hit.image);
-  path.textContent = fullPath.split(/[\\/]/).pop();
-  path.title = fullPath;
-  cap.append(score, text, path);
+  cap.append(score, text);
+  const fullPath = hit.image_rel != null ? String(hit.image_rel) : hit.image != null ? String(hit.image) : "";
+  if (fullPath) {  // only when the server is configured to return paths
+    const path = document.createElement("div");
+    path.className = "path";
+    path.textContent = fullPath.split(/[\\/]/).pop();
+    path.title = fullPath;
+    cap.append(path);
+  }
   fig.append(img, cap);
   return fig;
 }
@@ -97,11 +101,28 @@ $("text-form").addEventListener("submit", (ev) => {
   run(() => fetch("/search?" + params.toString(), { headers: apiHeaders() }));
 });
 
-$("file").addEventListener("change", () => {
+async function fitted(file) {
+  // An image over the server's pixel cap is redrawn smaller (PNG) so the upload is accepted; anything the
+  // browser cannot decode as a bitmap is sent as is, for the server to judge.
+  let bitmap;
+  try { bitmap = await createImageBitmap(file); } catch (e) { return file; }
+  const pixels = bitmap.width * bitmap.height;
+  if (pixels <= maxPixels) { bitmap.close(); return file; }
+  const scale = Math.sqrt(maxPixels / pixels) * 0.99;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.floor(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.floor(bitmap.height * scale));
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  const blob = await new Promise((done) => canvas.toBlob(done, "image/png"));
+  return blob || file;
+}
+
+$("file").addEventListener("change", async () => {
   const file = $("file").files[0];
   if (!file) return;
   const form = new FormData();
-  form.append("file", file);
+  form.append("file", await fitted(file), file.name);
   form.append("k", String(kValue()));
   run(() => fetch("/search", { method: "POST", body: form, headers: apiHeaders() }));
 });
@@ -110,4 +131,5 @@ fetch("/healthz").then((r) => r.json()).then((h) => {
   $("status").textContent = h.count + " images, model " + h.model + ", dim " + h.dim;
   const maxK = Number(h.max_k);
   if (Number.isInteger(maxK)) $("k").max = String(maxK);
+  if (Number.isInteger(h.max_pixels) && h.max_pixels > 0) maxPixels = h.max_pixels;
 }).catch(() => {});

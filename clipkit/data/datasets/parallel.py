@@ -1,0 +1,100 @@
+"""Parallel text from the `emoji` package: each emoji's English name beside its name in another language,
+plus single words aligned across names by co-occurrence ("사과" / "apple" from "빨간 사과" / "red apple" and
+"초록 사과" / "green apple"). This is the training data for distilling a text tower into other languages.
+
+Needs no download: `emoji` ships names in 14 languages. Names of emoji passed in `exclude` (e.g. a test
+split's concepts) are left out, and so are words aligned only through them.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+import emoji as emoji_pkg
+import pandas as pd
+
+from ...errors import ClipkitError
+from ...fileio import atomic_path
+
+LANGUAGES = tuple(lang for lang in emoji_pkg.LANGUAGES if lang != "en")
+SPACED = frozenset(LANGUAGES) - {"ja", "zh"}  # languages whose emoji names separate words with spaces
+SKIN_TONES = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))
+COLUMNS = ("en", "text", "lang", "kind", "emoji")
+
+
+@dataclass
+class ParallelSummary:
+    """What `build_parallel` wrote: pairs by language and kind, and how many were held out by `exclude`."""
+
+    path: str
+    pairs: dict[str, int] = field(default_factory=dict)  # "lang/kind" -> rows
+    excluded_names: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.pairs.values())
+
+
+def _clean(name: str) -> str:
+    return " ".join(name.strip(":").replace("_", " ").split())
+
+
+def emoji_names(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per (emoji, language): columns en, text, lang, kind="name", emoji. Skin-tone variants are skipped."""
+    unknown = sorted(set(langs) - set(LANGUAGES))
+    if unknown:
+        raise ClipkitError(f"no emoji names in {unknown}; available: {', '.join(LANGUAGES)}")
+    skip = set(exclude)
+    rows = []
+    for lang in langs:
+        emoji_pkg.config.load_language(lang)
+        for char, data in emoji_pkg.EMOJI_DATA.items():
+            if char in skip or SKIN_TONES.intersection(char) or lang not in data or "en" not in data:
+                continue
+            rows.append((_clean(data["en"]).lower(), _clean(data[lang]).lower(), lang, "name", char))
+    return pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["en", "text", "lang"], ignore_index=True)
+
+
+def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5) -> pd.DataFrame:
+    """Single-word pairs: for each word of a spaced language, the English word whose name sets it shares best.
+
+    Dice(w, e) = 2 c(w, e) / (c(w) + c(e)) over names; a pair is kept when it appears in at least `min_count`
+    names, its Dice is at least `min_dice`, and no other English word ties with it.
+    """
+    rows = []
+    for lang, part in names[names["lang"].isin(SPACED)].groupby("lang"):
+        en_sets = [set(s.split()) for s in part["en"]]
+        x_sets = [set(s.split()) for s in part["text"]]
+        c_en = Counter(w for s in en_sets for w in s)
+        c_x = Counter(w for s in x_sets for w in s)
+        both = Counter((x, e) for xs, es in zip(x_sets, en_sets) for x in xs for e in es)
+        best: dict[str, list[tuple[float, str]]] = {}
+        for (x, e), n in both.items():
+            if n >= min_count:
+                best.setdefault(x, []).append((2 * n / (c_x[x] + c_en[e]), e))
+        for x, scored in best.items():
+            scored.sort(reverse=True)
+            top, e = scored[0]
+            if top >= min_dice and (len(scored) == 1 or scored[1][0] < top):
+                rows.append((e, x, lang, "word", ""))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), words: bool = True) -> pd.DataFrame:
+    """Names (and aligned words) as one table with columns en, text, lang, kind, emoji."""
+    names = emoji_names(langs, exclude)
+    return pd.concat([names, align_words(names)], ignore_index=True) if words else names
+
+
+def build_parallel(path: Union[str, os.PathLike], langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (),
+                   words: bool = True) -> ParallelSummary:
+    """Write `parallel_table(...)` as a TSV (what `clipkit distill-text --parallel` reads), atomically."""
+    exclude = set(exclude)
+    table = parallel_table(langs, exclude, words)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    counts = table.groupby(["lang", "kind"]).size()
+    return ParallelSummary(str(path), {f"{lang}/{kind}": int(n) for (lang, kind), n in counts.items()},
+                           excluded_names=len(exclude))

@@ -1,0 +1,232 @@
+"""Multilingual text towers by distillation (as Multilingual-CLIP does): a student text tower learns to put a
+sentence in language X where the frozen teacher (the model's own text tower) puts its English translation.
+
+The student starts as a copy of the teacher whose tokenizer gains one token per character it could not
+represent as a single token (Hangul syllables, CJK ideographs, ...), so English keeps its meaning; English
+sentences are trained to stay where the teacher puts them. The image tower is untouched: every existing
+index and embedding stays valid. The result is a normal clipkit model directory.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..fileio import write_json_atomic
+from ..formats.auto import load
+from ..formats.native import save
+from ..model.clip import CLIPModel
+from ..model.tokenizer import Tokenizer
+from . import runstate
+from .trainer import cosine_with_warmup, param_groups
+
+log = logging.getLogger("clipkit.train")
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run: teacher model, parallel table (columns en, text[, lang]), output folder, schedule."""
+
+    model: str
+    parallel: str
+    output: str
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    english_fraction: float = 0.25  # share of each batch that is English -> English (keeps English in place)
+    held_out: float = 0.05  # share of the pairs kept out of training to measure the distance on
+    seed: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    resume: bool = False
+    progress: bool = True
+
+
+def read_parallel(path: str | Path) -> pd.DataFrame:
+    """A parallel table (TSV/CSV by suffix) with text columns `en` and `text`; empty rows are dropped."""
+    path = Path(path)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable parallel table ({e})") from None
+    missing = [c for c in ("en", "text") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no column(s) {missing}; a parallel table needs `en` and `text` "
+                        f"(columns: {', '.join(table.columns)})")
+    table = table[(table["en"].str.strip() != "") & (table["text"].str.strip() != "")].reset_index(drop=True)
+    if table.empty:
+        raise DataError(f"{path}: no non-empty (en, text) pairs")
+    return table
+
+
+def extend_tokenizer(tokenizer: Tokenizer, texts: Iterable[str]) -> tuple[Tokenizer, list[str]]:
+    """A copy of `tokenizer` with one added token per character of `texts` it cannot encode as a single token.
+
+    Added tokens match the raw text (before the tokenizer's normaliser, which would e.g. split Hangul syllables
+    into jamo), so a Korean word becomes its syllables.
+    """
+    from tokenizers import AddedToken
+
+    hf = copy.deepcopy(tokenizer.hf)
+    chars = sorted({c for t in texts for c in t if not c.isspace() and not c.isascii()})
+    new = [c for c in chars if len(hf.tokenize(c)) != 1 or hf.unk_token in hf.tokenize(c)]
+    hf.add_tokens([AddedToken(c, normalized=False, single_word=False) for c in new])
+    return Tokenizer(hf, tokenizer.context_length), new
+
+
+def build_student(teacher: CLIPModel, tokenizer: Tokenizer, texts: Iterable[str]) -> tuple[CLIPModel, Tokenizer, int]:
+    """A copy of `teacher` whose text tower's vocabulary is extended for `texts`; returns (student, tokenizer, added)."""
+    tok, added = extend_tokenizer(tokenizer, texts)
+    student = copy.deepcopy(teacher)
+    if added:
+        student.text.resize_token_embeddings(len(tok.hf))
+        student.config.text.hf_config["vocab_size"] = len(tok.hf)
+    for p in student.visual.parameters():
+        p.requires_grad_(False)
+    student.visual_proj.requires_grad_(False)
+    student.logit_scale.requires_grad_(False)
+    for p in list(student.text.parameters()) + list(student.text_proj.parameters()):
+        p.requires_grad_(True)
+    student.locked = {"image"}
+    return student, tok, len(added)
+
+
+def trim(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut a padded batch at its longest sequence (attention-masked towers ignore the rest)."""
+    length = int(tokens["attention_mask"].sum(1).max())
+    return {k: v[:, :length] for k, v in tokens.items()}
+
+
+@torch.no_grad()
+def embed_texts(model: CLIPModel, tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """`[N, D]` normalised text embeddings, in batches cut at their longest sequence."""
+    model.eval()
+    out = [model.encode_text(trim(tokenizer(texts[i:i + batch]))) for i in range(0, len(texts), batch)]
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+
+def _split(table: pd.DataFrame, held_out: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out a seeded share of the distinct English sentences (all their translations go with them)."""
+    english = np.array(sorted(table["en"].unique()))
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(english, int(round(held_out * len(english))), replace=False)) if held_out > 0 else set()
+    mask = table["en"].isin(held)
+    return table[~mask].reset_index(drop=True), table[mask].reset_index(drop=True)
+
+
+class Distiller:
+    """One distillation run: the teacher's targets computed once, the student trained to meet them."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg, self.out = cfg, Path(cfg.output)
+        torch.manual_seed(cfg.seed)
+        teacher, _, tok = load(cfg.model)
+        self.train_pairs, self.val_pairs = _split(read_parallel(cfg.parallel), cfg.held_out, cfg.seed)
+        self.student, self.tokenizer, self.added = build_student(
+            teacher, tok, pd.concat([self.train_pairs["text"], self.val_pairs["text"]]))
+        english = sorted(set(self.train_pairs["en"]) | set(self.val_pairs["en"]))
+        self.target_row = {s: i for i, s in enumerate(english)}
+        self.targets = embed_texts(teacher, tok, english)  # [E, D]: where the teacher puts each English sentence
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay, cfg.lr), lr=cfg.lr)
+        self.scheduler = cosine_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
+        self.step = 0
+        self.config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        if cfg.resume:
+            self._resume()
+
+    def _batch(self, step: int) -> tuple[list[str], torch.Tensor]:
+        """Batch `step` (a pure function of the seed and step, so a resumed run draws the same ones)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        n_en = int(round(self.cfg.english_fraction * self.cfg.batch_size))
+        pairs = self.train_pairs.iloc[torch.randint(len(self.train_pairs), (self.cfg.batch_size - n_en,), generator=g)]
+        english = list(self.target_row)
+        en_rows = [english[i] for i in torch.randint(len(english), (n_en,), generator=g)]
+        texts = pairs["text"].tolist() + en_rows
+        rows = [self.target_row[e] for e in pairs["en"].tolist() + en_rows]
+        return texts, self.targets[rows]
+
+    def _train_step(self, texts: list[str], target: torch.Tensor) -> float:
+        self.student.train()
+        z = self.student.encode_text(trim(self.tokenizer(texts)))  # [B, D], unit rows
+        loss = F.mse_loss(z, target, reduction="sum") / len(texts)  # = 2 (1 - cos) per row, averaged
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.grad is not None], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def distance(self, pairs: pd.DataFrame) -> float:
+        """Mean cosine distance (1 - cos) between the student's embedding of `text` and the teacher's of `en`."""
+        if pairs.empty:
+            return float("nan")
+        z = embed_texts(self.student, self.tokenizer, pairs["text"].tolist())
+        t = self.targets[[self.target_row[e] for e in pairs["en"]]]
+        return float(1 - (z * t).sum(1).mean())
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `steps`, checkpointing; writes the student model and returns a summary."""
+        cfg, t0, losses = self.cfg, time.perf_counter(), []
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "distill_config.json", self.config)
+        before = self.distance(self.val_pairs) if self.step == 0 else None
+        with tqdm(total=cfg.steps, initial=self.step, desc="distill", disable=not cfg.progress) as bar:
+            while self.step < cfg.steps:
+                losses.append(self._train_step(*self._batch(self.step)))
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self._save()
+        model_dir = save(self.student, self.tokenizer, self.out / "model")
+        summary = {"steps": self.step, "added_tokens": self.added, "train_pairs": len(self.train_pairs),
+                   "held_out_pairs": len(self.val_pairs), "held_out_distance_before": before,
+                   "held_out_distance": self.distance(self.val_pairs), "seconds": round(time.perf_counter() - t0, 1),
+                   "model_dir": str(model_dir)}
+        write_json_atomic(self.out / "summary.json", summary)
+        return summary
+
+    def _save(self) -> None:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": runstate.rng_state(), "config": json.dumps(self.config)}
+        runstate.save_checkpoint(self.out / "checkpoints", self.step, self.student, state, self.cfg.keep_checkpoints)
+        log.info("saved step %d", self.step)
+
+    def _resume(self) -> None:
+        runstate.clean_stale(self.out / "checkpoints")
+        found = runstate.latest_good(self.out / "checkpoints", self.student)
+        if found is None:
+            log.warning("resume: no usable checkpoint in %s; starting from scratch", self.out / "checkpoints")
+            return
+        path, state = found
+        free = ("resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "output")
+        old = {k: v for k, v in json.loads(state["config"]).items() if k not in free}
+        if old != {k: v for k, v in self.config.items() if k not in free}:
+            raise DataError(f"refusing to resume from {path}: the distillation config changed")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        runstate.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from step %d (%s)", self.step, path)
+
+
+def distill_text(cfg: DistillConfig) -> dict[str, Any]:
+    """Run one distillation (what `clipkit distill-text` calls): see the module docstring."""
+    return Distiller(cfg).fit()

