@@ -18,7 +18,7 @@ MODULES = {  # inside each subpackage, the same rule over its modules
     "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],
     "search": [("io", "exact", "filters"), ("build",), ("index",), ("collection",)],
     "report": [("page", "plots")],
-    "train": [("config", "losses"), ("runstate", "setup"), ("validation",), ("trainer",), ("distill",)],
+    "train": [("config", "losses", "runlog"), ("runstate", "setup"), ("validation",), ("trainer",), ("distill",)],
     "app": [("guard", "connections", "files"), ("uploads",), ("demo", "service")],
 }
 

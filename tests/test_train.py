@@ -172,10 +172,16 @@ def test_sigkill_then_resume_is_bitwise_equal(pairs, micro_model, reference, tmp
     cfg = _cfg(pairs, micro_model, tmp_path / "run")
     crashed = _crash(cfg, "step", 7, tmp_path)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:  # the kill also tore a line of the log
+        log.write('{"step": 8, "lo')
     resumed = _cli_train(cfg, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step 6" in resumed.stderr
     _assert_same(_weights(reference), _weights(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()  # step 7 ran twice, is logged once
+    assert [json.loads(x)["step"] for x in lines] == [json.loads(x)["step"] for x in
+                                                     (reference / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "run" / "loss_curve.png").exists()
     ref_state = torch.load(reference / "checkpoints/step_00000009/train_state.pt", weights_only=True)
     state = torch.load(tmp_path / "run/checkpoints/step_00000009/train_state.pt", weights_only=True)
     assert state["scheduler"]["last_epoch"] == ref_state["scheduler"]["last_epoch"] == 9
@@ -222,8 +228,10 @@ def test_negative_control_resume_without_scheduler_diverges(pairs, micro_model, 
 
 def test_resume_with_changed_config_is_refused(pairs, micro_model, tmp_path):
     Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3)).fit()
+    run_files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     with pytest.raises(TrainingError, match=r"lr: 0.001 -> 0.002") as refused:
         Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == run_files  # untouched
     assert "resume_ignore_config=True" in str(refused.value) and "--" not in str(refused.value)  # no CLI flags
     Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, lr=2e-3, resume=True, resume_ignore_config=True))
 
@@ -423,3 +431,33 @@ def test_fine_tuning_options_are_checked_up_front(bad):
 
     with pytest.raises(ClipkitError):
         TrainConfig(train_data="t.csv", output="out", **bad)
+
+
+def test_checkpoint_without_manifest_is_not_resumed_from(pairs, micro_model, reference, tmp_path):
+    cfg = _cfg(pairs, micro_model, tmp_path / "run", keep_checkpoints=3)
+    assert _crash(cfg, "step", 7, tmp_path).returncode == -signal.SIGKILL
+    (tmp_path / "run/checkpoints/step_00000006/manifest.json").unlink()
+    resumed = _cli_train(cfg, resume=True)
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stderr, resumed.stderr[-2000:]
+    _assert_same(_weights(reference), _weights(tmp_path / "run"))
+
+
+def test_caption_tokenizer_is_saved_whole_or_not_at_all(pairs, tmp_path, monkeypatch):
+    """A save that dies half-way must not leave a tokenizer.json that a resume would then train with."""
+    from clipkit.model.tokenizer import Tokenizer
+
+    real_save = Tokenizer.save
+
+    def dying_save(self, directory):
+        real_save(self, directory)
+        (Path(directory) / "tokenizer.json").write_text('{"truncated": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Tokenizer, "save", dying_save)
+    cfg = _cfg(pairs, "tiny", tmp_path / "run", max_steps=1)
+    with pytest.raises(OSError, match="No space left"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    monkeypatch.setattr(Tokenizer, "save", real_save)
+    Trainer(cfg)  # the rerun trains and saves the tokenizer again
+    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"

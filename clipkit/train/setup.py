@@ -22,7 +22,7 @@ from ..data.augment import StyleAugment
 from ..data.cache import CachedPairDataset, DecodedCache
 from ..data.samples import PairDataset, SkipCounter
 from ..data.tables import read_pairs
-from ..fileio import files_fingerprint
+from ..fileio import atomic_dir, files_fingerprint
 from ..errors import ClipkitError
 from ..formats.auto import load as load_model
 from ..formats.hub import is_pretrained_name
@@ -100,7 +100,8 @@ def caption_tokenizer(captions: list[str], vocab_size: int, context_length: int,
         return load_tokenizer(saved, context_length)
     tok = train_bpe(captions, vocab_size, context_length)
     if rank == 0:
-        tok.save(saved)
+        with atomic_dir(saved) as tmp:  # a kill mid-save must not leave a half-written tokenizer.json to resume with
+            tok.save(tmp)
     return tok
 
 

@@ -6,7 +6,6 @@ RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA); only rank 0 writes files. Progress 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from ..model.groups import image_groups, text_groups, with_prefix
 from . import runstate
 from .config import TrainConfig, TrainingError, config_dict
 from .losses import create_loss, grad_cache_step
+from .runlog import RunLog
 from .runstate import Position, SaveHook
 from .setup import build_data, build_model, init_distributed, read_run_table
 from .validation import evaluate_model, validation_score, wise_ft_sweep
@@ -122,11 +122,15 @@ class Trainer:
         self.pos, self.nonfinite_run = Position(), 0
         self.last_val: dict[str, Any] = {"step": None}
         self.config = config_dict(cfg, self.world)
+        self.runlog = RunLog(self.out / "metrics.jsonl")
+        if cfg.resume:
+            self._resume()  # before writing anything: a refused resume leaves the run as it was
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "train_config.json", self.config)
-        if cfg.resume:
-            self._resume()
+            dropped = self.runlog.keep_until(self.pos.step)  # records after the checkpoint: those steps run again
+            if dropped:
+                log.info("dropped %d records after step %d from %s", dropped, self.pos.step, self.runlog.path)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -253,8 +257,7 @@ class Trainer:
         self._append_metrics(rec)
 
     def _append_metrics(self, rec: dict[str, Any]) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.runlog.append(rec)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save(self) -> None:
@@ -329,11 +332,7 @@ def plot_losses(out: Path) -> None:
     """`loss_curve.png` of the training losses in `out/metrics.jsonl` (nothing when there are none)."""
     from ..report.plots import plot_loss_curve
 
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+    train = [(r["step"], r["loss"]) for r in RunLog(out / "metrics.jsonl").read() if r.get("loss") is not None]
     if train:
         steps, losses = zip(*train)
         plot_loss_curve(list(steps), list(losses), out / "loss_curve.png")
