@@ -33,6 +33,10 @@ RECIPES = {
     "style_nogrey": (ALL_FORMS, {"style_augment": True}, {"grayscale_p": 0.0, "hue": 0.0}),
     "style_strong": (ALL_FORMS, {"style_augment": True}, {"crop_scale": (0.35, 1.0), "background_p": 0.8,
                                                           "blur_p": 0.3}),
+    "style_light": (ALL_FORMS, {"style_augment": True}, {"crop_scale": (0.8, 1.0), "background_p": 0.3,
+                                                         "jitter_p": 0.5, "brightness": 0.2, "contrast": 0.2,
+                                                         "saturation": 0.2, "hue": 0.0, "grayscale_p": 0.05,
+                                                         "blur_p": 0.0}),
     "style_bf16": (ALL_FORMS, {"style_augment": True, "precision": "bf16"}, {}),
 }
 KEYS = ["style_test_name_en/text_to_image_R@1", "style_test_zeroshot/top1", "style_test_name_en/text_to_image_R@10",

@@ -87,10 +87,13 @@ def n_params(model: torch.nn.Module, trainable: bool = False) -> int:
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW as clipkit's Trainer builds it (its no-decay groups), for either library's model."""
-    from clipkit.train.trainer import param_groups
-
-    return torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
+    """AdamW with no decay on 1-d parameters (biases, norms, scales) and embeddings, for either library's model
+    (clipkit's `param_groups` now needs a clipkit model: its layer groups)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if p.ndim < 2 or "embed" in n or "token" in n]
+    decay = [p for n, p in params if not (p.ndim < 2 or "embed" in n or "token" in n)]
+    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
 
 
 def precision_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .cli_search import add_dedup, add_search, add_serve
 from .errors import ClipkitError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .app.demo import DemoConfig, run_demo
+    from .app.demo import MULTILINGUAL, DemoConfig, run_demo
 
     fields = set(DemoConfig.__dataclass_fields__)
     options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -26,7 +25,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(DemoConfig(**options))
     print("\n" + result.headline())
     print(f"\ndone in {result.seconds / 60:.1f} min. Open {result.out / 'report.html'} in a browser; metrics in {result.out / 'metrics.json'}.")
-    print(f"serve the index: clipkit serve --index {result.out / 'index'} --model {result.out / 'model'}")
+    model = result.out / MULTILINGUAL if (result.out / MULTILINGUAL).exists() else result.out / "model"
+    print(f"serve the index: clipkit serve --index {result.out / 'index'} --model {model}")
     return 0
 
 
@@ -47,6 +47,21 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         cfg = get_preset(name)
         text = cfg.text.pretrained or cfg.text.hf_config.get("model_type")
         print(f"{name:12s} image={cfg.vision.timm_name} text={text} dim={cfg.embed_dim} px={cfg.preprocess.image_size}")
+    return 0
+
+
+def _cmd_data_parallel(args: argparse.Namespace) -> int:
+    from .data.datasets.parallel import build_parallel
+    from .data.tables import read_raw
+    from .errors import DataError
+
+    columns = read_raw(Path(args.exclude), "error") if args.exclude else {"emoji": []}
+    if "emoji" not in columns:
+        raise DataError(f"{args.exclude}: no `emoji` column to exclude by (columns: {', '.join(columns)})")
+    exclude = set(columns["emoji"])
+    summary = build_parallel(args.out, tuple(args.langs), exclude=exclude)
+    print(f"{summary.total} pairs ({', '.join(f'{k}: {n}' for k, n in summary.pairs.items())}) to {summary.path}; "
+          f"{summary.excluded_names} emoji left out")
     return 0
 
 
@@ -71,6 +86,21 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_shards(args: argparse.Namespace) -> int:
+    from .data.shard_writer import write_shards
+
+    s = write_shards(args.source, args.out, shard_size=args.shard_size, image_column=args.image_column,
+                     caption_column=args.caption_column, progress=not args.quiet)
+    print(f"wrote {s.samples} samples in {len(s.shards)} shard(s) ({s.bytes / 1e6:.1f} MB) to {s.out} "
+          f"in {s.seconds:.1f}s; counts in {s.out / 'sizes.json'}")
+    for reason, n in s.skipped.items():
+        print(f"skipped {n} row(s): {reason} (first: {', '.join(s.examples[:3])})")
+    if s.dropped_rows:
+        print(f"{s.dropped_rows} table row(s) dropped while reading (empty captions or bad lines)")
+    print(f"train from them: clipkit train --train-data '{s.spec}' ...")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .evaluate.zeroshot import load_templates
     from .train import TrainConfig, train
@@ -90,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from .evaluate.runners import score_table
 
-    summary = score_table(args.model, args.pairs, prompt_column=args.prompt_column, image_column=args.image_column,
+    summary = score_table(_model(args), args.pairs, prompt_column=args.prompt_column, image_column=args.image_column,
                           prefix=args.prefix, r_precision_r=args.r_precision, reference_column=args.reference_column,
                           resize_mode=args.resize_mode, json_out=args.json)
     for key, value in summary.items():
@@ -111,9 +141,9 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     options = dict(top=args.top, templates=args.templates, negative_prompt=args.negative_prompt,
                    resize_mode=args.resize_mode, json_out=args.json)
     if args.pairs:
-        results = rerank_pairs(args.model, args.pairs, sheet_dir=args.sheet, **options)
+        results = rerank_pairs(_model(args), args.pairs, sheet_dir=args.sheet, **options)
     elif args.prompt and args.images:
-        results = [rerank_files(args.model, args.prompt, args.images, sheet=args.sheet, **options)]
+        results = [rerank_files(_model(args), args.prompt, args.images, sheet=args.sheet, **options)]
     else:
         raise ValueError("give --prompt with candidate IMAGES, or --pairs TABLE (prompt, image columns)")
     for result in results:
@@ -131,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.kind == "linear-probe" and not args.train:
         raise ValueError("linear-probe needs --train TABLE (the labelled images the probe learns from)")
-    result = run_eval(args.kind, args.model, args.data, train=args.train, label_column=args.label_column,
+    result = run_eval(args.kind, _model(args), args.data, train=args.train, label_column=args.label_column,
                       templates=args.templates, json_out=args.json, plot=args.plot)
     print(result.table())
     for path in (args.json, args.plot):
@@ -169,7 +199,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .search.collection import embed_collection, shard_from_env
 
     shard = args.shard or shard_from_env()
-    s = embed_collection(args.model, args.images, args.out, shard=shard, shard_size=args.shard_size,
+    model = _model(args, batch_size=args.batch_size, progress=False)
+    s = embed_collection(model, args.images, args.out, shard=shard, shard_size=args.shard_size,
                          batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
                          captions=not args.no_captions, progress=not args.quiet)
     print(f"shard {shard[0]}/{shard[1]}: wrote {len(s.written)} chunk(s), {len(s.skipped)} already done "
@@ -182,14 +213,31 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for f in s.failures[:20]:
             print(f"  id {f['id']}  {f['reason']}  {f['image']}")
     print(f"embeddings in {s.out_dir}")
+    if args.dedup is not None:
+        _embed_dedup(args)
     return 0
+
+
+def _embed_dedup(args: argparse.Namespace) -> None:
+    from .search.collection import collection_duplicates, read_collection_info
+
+    try:
+        read_collection_info(args.out)
+    except ClipkitError as e:  # other shards still running: the last one to finish writes the table
+        print(f"dedup: not yet, the collection is unfinished ({str(e).split(': ', 1)[-1]})")
+        return
+    groups = collection_duplicates(args.out, args.dedup)
+    extra = int((~groups["keep"]).sum()) if len(groups) else 0
+    print(f"dedup: {extra} near-duplicate image(s) beyond the first of {groups['group'].nunique()} group(s) "
+          f"at cosine >= {args.dedup}; table in {Path(args.out) / 'duplicates.csv'} "
+          f"(leave them out with `clipkit index build --dedup {args.dedup}`)")
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .search.collection import build_index_from_collection
 
     index = build_index_from_collection(args.embeddings, args.out, args.kind, args.memory_budget,
-                                        on_disk=args.on_disk, progress=not args.quiet)
+                                        on_disk=args.on_disk, progress=not args.quiet, dedup=args.dedup)
     r = index.build_report
     recall = "n/a" if r.get("recall@10") is None else f"{r['recall@10']:.4f}"
     for key, value in (("factory", r["factory"]), ("count", f"{r['count']} ({r.get('failed', 0)} failed, not indexed)"),
@@ -198,58 +246,26 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"{key:13s} {value}")
     if "recall@10_rerank10" in r:
         print(f"{'recall@10 rerank 10':13s} {r['recall@10_rerank10']:.4f}")
+    if "dedup" in r:
+        print(f"{'dedup':13s} {r['dedup']['removed']} near-duplicate(s) left out, {r['dedup']['groups']} group(s) "
+              f"at cosine >= {r['dedup']['threshold']}")
     print(f"index saved to {args.out}")
     return 0
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from .search.collection import open_search, search_collection
-
-    index, embedder, warnings = open_search(args.index, args.model)
-    for w in warnings:
-        print(f"clipkit search: warning: {w}", file=sys.stderr)
-    result = search_collection(index, embedder, text=args.text, image=args.image, k=args.k, rerank=args.rerank,
-                               filter=args.filter, mmr=args.mmr)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
-    print(f"{'rank':>4s}  {'score':>7s}  {'id':>7s}  image / caption")
-    for rank, r in enumerate(result["results"], 1):
-        caption = str(r.get("caption") or "")[:60]
-        print(f"{rank:4d}  {r['score']:+.4f}  {r['id']:7d}  {r.get('image_rel') or r.get('image')}  {caption}")
-    if not result["results"]:
-        print("no results")
-    return 0
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="auto (default): the image tower in bf16 where the CPU or GPU multiplies bf16 natively, else "
+                        "fp32; int8: dynamically quantised image tower (CPU)")
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from .app.service import run_server
-    except ImportError as e:
-        raise ClipkitError(f"the HTTP service is not available ({e})") from None
-    if args.api_key:
-        print("clipkit serve: warning: --api-key is visible to every user of this machine (ps); "
-              "prefer --api-key-file or $CLIPKIT_API_KEY", file=sys.stderr)
-    options = {name: value for name, value in (("result_columns", args.result_column),
-                                               ("image_roots", args.image_root), ("max_pixels", args.max_pixels))
-               if value is not None}
-    run_server(args.index, args.model, host=args.host, port=args.port, api_key=_api_key(args),
-               insecure_no_auth=args.insecure_no_auth, on_ready=lambda url: print(f"listening on {url}", flush=True),
-               **options)
-    return 0
+def _model(args: argparse.Namespace, **embedder_kw: Any) -> Any:
+    """`--model` as given, or an Embedder of it when `--precision` overrides the default."""
+    if getattr(args, "precision", None) is None:
+        return args.model
+    from .embed import Embedder
 
-
-def _api_key(args: argparse.Namespace) -> Optional[str]:
-    """The key from --api-key-file, --api-key or $CLIPKIT_API_KEY (in that order), else None."""
-    if args.api_key_file:
-        try:
-            key = open(args.api_key_file, encoding="utf-8").read().strip()
-        except OSError as e:
-            raise ValueError(f"--api-key-file {args.api_key_file}: {e.strerror or e}") from None
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
-        return key
-    return args.api_key or os.environ.get("CLIPKIT_API_KEY") or None
+    return Embedder(args.model, precision=args.precision, **embedder_kw)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -263,7 +279,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="image decoding worker processes (default 2)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision (default float16)")
     p.add_argument("--no-captions", action="store_true", help="do not embed captions")
+    p.add_argument("--dedup", type=float, nargs="?", const=0.95, metavar="COSINE",
+                   help="once the collection is complete, list near-duplicate images in EMB/duplicates.csv "
+                        "(default cosine 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_precision(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -277,43 +297,10 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory-budget", type=_bytes, help="RAM the index may use, e.g. 2GB (auto picks a layout that fits)")
     b.add_argument("--on-disk", action="store_true", help="IVF with on-disk inverted lists, merged chunk by chunk "
                    "(collections larger than memory)")
+    b.add_argument("--dedup", type=float, nargs="?", const=0.95, metavar="COSINE",
+                   help="leave out near-duplicate images but the first of each group (default cosine 0.95)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_index)
-
-
-def _add_search(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="query an index by text or image")
-    p.add_argument("--index", required=True, help="index folder from `clipkit index build`")
-    p.add_argument("--model", required=True, help="the model that embedded the collection")
-    q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--text", help="text query")
-    q.add_argument("--image", help="image file query")
-    p.add_argument("-k", type=int, default=10, help="results to return (default 10)")
-    p.add_argument("--rerank", type=int, default=0, metavar="R", help="re-score k*R candidates exactly")
-    p.add_argument("--filter", help='metadata filter: comparisons (== != < <= > >=), in [...], and/or/not, '
-                   'e.g. \'style == "noto" and year >= 2020\' (parsed, never run as code)')
-    p.add_argument("--mmr", type=float, metavar="LAMBDA", help="diversify with maximal marginal relevance (0..1)")
-    p.add_argument("--json", action="store_true", help='print {"results": [...]} as the HTTP service returns it')
-    p.set_defaults(func=_cmd_search)
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve an index over HTTP (search API + web page)")
-    p.add_argument("--index", required=True, help="index folder from `clipkit index build`")
-    p.add_argument("--model", required=True, help="the model that embedded the collection")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key-file", help="require the key in this file (first line); keeps it out of ps")
-    p.add_argument("--api-key", help="require this key (visible in ps; default: $CLIPKIT_API_KEY, else no key)")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="allow a non-loopback --host without a key (only behind a proxy that authenticates)")
-    p.add_argument("--result-column", action="append", metavar="COLUMN",
-                   help="metadata column results carry (repeat; default: all but the file paths)")
-    p.add_argument("--image-root", action="append", metavar="DIR",
-                   help="folder thumbnails may come from (repeat; default: the folder holding all indexed images)")
-    p.add_argument("--max-pixels", type=int, help="largest decoded upload, in pixels (default: 64 x the model's "
-                   "image size squared, at least 1000000)")
-    p.set_defaults(func=_cmd_serve)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -327,12 +314,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", help="file with one prompt template per line, each containing {}")
     p.add_argument("--json", help="write flat metrics here")
     p.add_argument("--plot", help="retrieval: PNG grid of top results; linear-probe: few-shot curve PNG")
+    _add_precision(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build a built-in dataset (no download)")
-    p.add_argument("name", choices=["emoji"], help="dataset to build")
+    kinds = sub.add_parser("data", help="build a built-in dataset (no download), or write a table as tar shards")
+    which = kinds.add_subparsers(dest="name", required=True, metavar="KIND")
+    s = which.add_parser("shards", help="write a pairs table or image folder as WebDataset tar shards + sizes.json")
+    s.add_argument("source", help="table (CSV/TSV/parquet/JSONL) or folder of image+.txt pairs")
+    s.add_argument("--out", required=True, help="new (or empty) folder for shard-00000.tar, ... and sizes.json")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--image-column", default="image")
+    s.add_argument("--caption-column", default="caption")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_data_shards)
+    t = which.add_parser("parallel", help="write emoji names as (English, other language) pairs for distill-text")
+    t.add_argument("--out", required=True, help="TSV to write (columns en, text, lang, kind, emoji)")
+    t.add_argument("--langs", nargs="+", default=["ko"], help="languages beside English (default: ko)")
+    t.add_argument("--exclude", help="a table whose `emoji` column names emoji to leave out (e.g. emoji/test.csv)")
+    t.set_defaults(func=_cmd_data_parallel)
+    p = which.add_parser("emoji", help="build the emoji dataset (train/val/test CSVs + images)")
     p.add_argument("--out", required=True, help="output folder (train/val/test/holdout CSVs + images)")
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -348,7 +350,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune or train a CLIP model on image-caption pairs")
-    p.add_argument("--train-data", required=True, help="table (CSV/TSV/parquet/JSONL) or folder of image+.txt pairs")
+    p.add_argument("--train-data", required=True, help="table (CSV/TSV/parquet/JSONL), folder of image+.txt pairs, "
+                   "or tar shards ('shards/shard-{00000..00099}.tar' or a folder of *.tar): streamed, not cached")
+    p.add_argument("--train-num-samples", type=int, help="tar shards: samples per epoch (default: their sizes.json)")
+    p.add_argument("--shuffle-buffer", type=int, help="tar shards: samples each reader shuffles among (default 1000)")
+    p.add_argument("--allow-pipe", action="store_true", default=None,
+                   help="tar shards: accept pipe: and remote specs (they run a shell command: trusted specs only)")
     p.add_argument("--val-data", help="validation table (retrieval, and zero-shot if it has a label column)")
     p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained), "
                    "hf-hub:org/name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
@@ -370,7 +377,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
     p.add_argument("--grad-cache-chunk", type=int, help="gradient cache: embed the batch in chunks of this many rows")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), "
+                        "else fp32")
     p.add_argument("--augment", action="store_true", default=None, help="random resized crops while training")
     p.add_argument("--style-augment", action="store_true", default=None,
                    help="style-robust augmentation: random background colour, colour jitter, grey-scale, blur, crops")
@@ -424,6 +433,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize-mode", choices=["shortest", "longest", "squash"],
                    help="override preprocessing; longest letterboxes odd sizes and transparent padding")
     p.add_argument("--json", help="write per-pair scores and the summary here")
+    _add_precision(p)
     p.set_defaults(func=_cmd_score)
 
 
@@ -440,6 +450,7 @@ def _add_rerank(sub: argparse._SubParsersAction) -> None:
                    help="override preprocessing; longest letterboxes odd sizes and transparent padding")
     p.add_argument("--sheet", help="contact sheet PNG (a folder of sheets with --pairs)")
     p.add_argument("--json", help="write the ranking JSON here")
+    _add_precision(p)
     p.set_defaults(func=_cmd_rerank)
 
 
@@ -455,6 +466,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packs", help="folder of npm emoji packs (default $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/emoji-packs)")
     p.add_argument("--limit", type=int, help="use only the first N emoji (quick runs)")
     p.add_argument("--rerank-prompts", type=int, help="prompts in the best-of-N task (default 100)")
+    p.add_argument("--distill-steps", type=int, help="steps distilling a Korean text tower (default 300; 0: none)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress output")
     p.set_defaults(func=_cmd_demo)
 
@@ -501,6 +513,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
     p.add_argument("--english-fraction", type=float, help="share of each batch kept English -> English (default 0.25)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="training step precision (default auto)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -511,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipkit", description="CLIP-style image-text embeddings: train, evaluate, search, score.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_data, _add_train, _add_distill, _add_eval, _add_score, _add_rerank, _add_convert,
-                _add_presets, _add_embed, _add_index, _add_search, _add_serve):
+                _add_presets, _add_embed, _add_index, add_search, add_dedup, add_serve):
         add(sub)
     return parser
 

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .errors import ImageLoadError
 from .model.clip import CLIPModel
+from .model.precision import autocast, inference_precision, quantize_int8
 from .model.tokenizer import Tokenizer
 from .model.transforms import Preprocess
 
@@ -33,6 +35,9 @@ class Embedder:
     wraps a model already in memory. Failed images raise, or with `on_error="nan"` give a NaN row in
     place (so rows never shift) and are listed in `self.failures` as `(index, ImageLoadError)`: the failures
     of the calling thread's last `images()` call, so threads sharing one Embedder never see each other's.
+    `precision` (`clipkit.model.precision.inference_precision`): `auto` runs the image tower in bf16 where the
+    hardware multiplies bf16 natively, else everything in fp32; `int8` quantises the image tower. Images are
+    decoded by `workers` threads (0: in the calling thread) one batch ahead of the model.
     """
 
     def __init__(
@@ -44,6 +49,8 @@ class Embedder:
         device: Union[str, torch.device, None] = None,
         batch_size: int = 64,
         progress: bool = True,
+        precision: str = "auto",
+        workers: Optional[int] = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if isinstance(model, CLIPModel):
@@ -55,7 +62,11 @@ class Embedder:
 
             self.model, self.preprocess, self.tokenizer = load(model)
         self.model = self.model.to(self.device).eval()
+        self.precision = inference_precision(precision, self.device)  # per tower
+        int8 = self.precision.image == "int8"
+        self.encoder = quantize_int8(self.model, ["visual", "visual_proj"]) if int8 else self.model  # what runs
         self.batch_size = batch_size
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.progress = progress
         self._calls = threading.local()  # per-thread record of the last images() call
 
@@ -77,15 +88,18 @@ class Embedder:
 
     @torch.inference_mode()
     def texts(self, strings: Sequence[str]) -> np.ndarray:
-        """`[N, D]` text embeddings."""
+        """`[N, D]` text embeddings. Batches hold strings of similar length (row order is kept), so the model's
+        cut at each batch's longest sequence leaves little padding."""
         if isinstance(strings, str):
             raise TypeError("texts() takes a list of strings, not a single string")
         out = np.zeros((len(strings), self.dim), np.float32)
-        with self._bar(len(strings), "embed texts") as bar:
+        order = sorted(range(len(strings)), key=lambda i: len(strings[i]))
+        with self._bar(len(strings), "embed texts") as bar, autocast(self.precision.text, self.device):
             for i in range(0, len(strings), self.batch_size):
-                tokens = self.tokenizer(list(strings[i : i + self.batch_size]))
-                out[i : i + len(tokens["input_ids"])] = self.model.encode_text(tokens).float().cpu().numpy()
-                bar.update(len(tokens["input_ids"]))
+                rows = order[i : i + self.batch_size]
+                tokens = self.tokenizer([strings[r] for r in rows])
+                out[rows] = self.encoder.encode_text(tokens).float().cpu().numpy()
+                bar.update(len(rows))
         return out
 
     @torch.inference_mode()
@@ -96,26 +110,56 @@ class Embedder:
         failures: list[tuple[int, ImageLoadError]] = []
         self.failures = failures  # this thread's record; other threads keep theirs
         out = np.full((len(items), self.dim), np.nan, np.float32)
-        with self._bar(len(items), "embed images") as bar:
-            for start in range(0, len(items), self.batch_size):
-                idx, pixels = self._load_batch(items, start, on_error, failures)
-                if idx:
-                    batch = torch.stack(pixels).to(self.device)
-                    out[idx] = self.model.encode_image(batch).float().cpu().numpy()
-                bar.update(min(self.batch_size, len(items) - start))
+        starts = range(0, len(items), self.batch_size)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="clipkit-decode") if self.workers > 0 else None
+        try:
+            with self._bar(len(items), "embed images") as bar:
+                pending = self._submit(items, 0, pool)
+                for start in starts:
+                    loaded = pending
+                    pending = self._submit(items, start + self.batch_size, pool)  # decode ahead of the model
+                    idx, pixels = self._collect(start, loaded, on_error, failures)
+                    if idx:
+                        out[idx] = self.pixels(torch.stack(pixels))
+                    bar.update(len(loaded))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return out
 
-    def _load_batch(self, items: Sequence[ImageLike], start: int, on_error: str,
-                    failures: list[tuple[int, ImageLoadError]]) -> tuple[list[int], list[torch.Tensor]]:
+    @torch.inference_mode()
+    def pixels(self, batch: torch.Tensor) -> np.ndarray:
+        """`[N, D]` embeddings of preprocessed pixels `[N, 3, S, S]`, in this embedder's precision."""
+        with autocast(self.precision.image, self.device):
+            return self.encoder.encode_image(batch.to(self.device)).float().cpu().numpy()
+
+    def _load(self, item: ImageLike) -> Union[torch.Tensor, ImageLoadError]:
+        """Preprocess one item; a classified load failure is returned (it belongs to the caller's record)."""
+        try:
+            return self.preprocess(item)
+        except ImageLoadError as e:
+            return e
+
+    def _submit(self, items: Sequence[ImageLike], start: int, pool: Optional[ThreadPoolExecutor]) -> list[Any]:
+        """The batch at `start`: futures in the pool, or loaded here when there is none (`workers=0`)."""
+        batch = [items[i] for i in range(start, min(start + self.batch_size, len(items)))]
+        if pool is None:
+            return batch  # loaded in `_collect`, in order, on the calling thread
+        return [pool.submit(self._load, item) for item in batch]
+
+    def _collect(self, start: int, loaded: list[Any], on_error: str,
+                 failures: list[tuple[int, ImageLoadError]]) -> tuple[list[int], list[torch.Tensor]]:
+        """Rows and pixels of one batch in item order; failures are recorded (or raised) here, on the caller."""
         idx, pixels = [], []
-        for i in range(start, min(start + self.batch_size, len(items))):
-            try:
-                pixels.append(self.preprocess(items[i]))
-                idx.append(i)
-            except ImageLoadError as e:
+        for offset, entry in enumerate(loaded):
+            result = entry.result() if isinstance(entry, Future) else self._load(entry)
+            if isinstance(result, ImageLoadError):
                 if on_error == "raise":
-                    raise
-                failures.append((i, e))
+                    raise result
+                failures.append((start + offset, result))
+            else:
+                pixels.append(result)
+                idx.append(start + offset)
         return idx, pixels
 
 

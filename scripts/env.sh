@@ -4,6 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CLIPKIT_VENV:-$ROOT/.venv}"
+CLIP_RETRIEVAL="clip-retrieval==2.45.0"  # its ClipClient and built web front end, for the compatibility tests
 
 ensure_venv() {  # ensure_venv EXTRAS
   local extras="$1"
@@ -18,6 +19,9 @@ ensure_venv() {  # ensure_venv EXTRAS
     echo "[clipkit] installing clipkit[$extras] and its dependencies (first time: several minutes, ~6 GB)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+    if [ "$extras" = dev ]; then  # the real clip-retrieval clients (tests/test_clipretrieval*.py); its deps are not needed
+      "$VENV/bin/python" -m pip install --quiet --no-deps "$CLIP_RETRIEVAL"
+    fi
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"

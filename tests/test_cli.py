@@ -32,7 +32,7 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--limit", "40", "--max-steps", "2", "--batch-size", "8",
                  "--rerank-prompts", "3", "--styles", "openmoji", "noto", "fluent", "--packs", str(packs),
-                 "--quiet"]) == 0
+                 "--distill-steps", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| unseen emoji | seen styles | chance | unseen style (fluent) | chance |" in printed
     assert "text->image R@1, plain English names" in printed and "clipkit serve --index" in printed
@@ -60,6 +60,12 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     from clipkit.search import open_search
 
     assert open_search(out / "index", out / "model")[2] == []  # the index knows the model by its fingerprint
+    # the distilled text tower: a normal model dir, the same image tower, at home on the teacher's index
+    assert open_search(out / "index", out / "model_multilingual")[2] == []
+    assert f"--model {out / 'model_multilingual'}" in printed and "distilled text tower" in printed
+    assert metrics["distill/steps"] == 2 and metrics["distill/excluded_emoji"] > 0
+    assert 0.0 <= metrics["multilingual_test_name_ko/text_to_image_R@10"] <= 1.0
+    assert "before and after distillation" in page
 
 
 def test_demo_headline_without_a_held_out_style():

@@ -65,7 +65,9 @@ def test_folder_without_captions_keeps_ids_aligned(folder_run, folder, embedder)
     assert meta.loc[2, "caption"] == "caption number 2" and meta.loc[3, "caption"] == ""
     good = meta.index[meta["ok"]]
     expected = embedder.images(meta.loc[good, "image"].tolist())
-    np.testing.assert_allclose(vectors[good], expected, atol=1e-5)
+    # precision auto runs the image tower in bf16 on this kind of CPU: other batch shapes round differently
+    # (~2e-5 seen); a row out of place would be off by far more
+    np.testing.assert_allclose(vectors[good], expected, atol=1e-3)
     texts, _ = col.load_collection(out, texts=True)
     np.testing.assert_allclose(texts[2], embedder.texts(["caption number 2"])[0], atol=1e-5)
     assert not texts[3].any()  # no caption: zero row

@@ -114,3 +114,33 @@ def test_cli_distill_text(teacher, pairs, tmp_path, capsys):
     assert main(["distill-text", "--model", str(teacher), "--parallel", str(tmp_path / "bad.tsv"),
                  "--out", str(tmp_path / "r2")]) == 2
     assert "needs `en` and `text`" in capsys.readouterr().err
+
+
+def test_cli_data_parallel_leaves_out_the_emoji_of_a_table(tmp_path, capsys):
+    (tmp_path / "test.csv").write_text(f"image,caption,emoji\na.png,red apple,{APPLE}\n", encoding="utf-8")
+    assert main(["data", "parallel", "--out", str(tmp_path / "p.tsv"), "--exclude", str(tmp_path / "test.csv")]) == 0
+    assert "1 emoji left out" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "p.tsv", sep="\t", keep_default_na=False)
+    assert APPLE not in set(table["emoji"]) and GREEN_APPLE in set(table["emoji"])
+    (tmp_path / "plain.csv").write_text("image,caption\na.png,x\n", encoding="utf-8")
+    assert main(["data", "parallel", "--out", str(tmp_path / "q.tsv"), "--exclude", str(tmp_path / "plain.csv")]) == 2
+    assert "no `emoji` column" in capsys.readouterr().err
+
+
+def test_student_queries_the_teachers_index_as_its_own(teacher, pairs, tmp_path):
+    """The student records the teacher's fingerprint: an index built with the teacher accepts its queries
+    without a model-mismatch warning, while an unrelated model still gets one."""
+    import numpy as np
+
+    from clipkit.search import open_search
+    from clipkit.search.index import SearchIndex
+
+    distill_text(_cfg(teacher, pairs, tmp_path / "run", steps=2))
+    teach, _, _ = clipkit.load(teacher)
+    vectors = np.eye(4, teach.embed_dim, dtype=np.float32)
+    SearchIndex.build(vectors, pd.DataFrame({"caption": list("abcd")}), kind="flat",
+                      model_id=teach.fingerprint()).save(tmp_path / "index")
+    assert open_search(tmp_path / "index", tmp_path / "run" / "model")[2] == []
+    other, tok = clipkit.create_model_and_tokenizer("tiny-minilm")
+    clipkit.save(other, tok, tmp_path / "other")
+    assert "index was built from model" in open_search(tmp_path / "index", tmp_path / "other")[2][0]

@@ -35,10 +35,11 @@ def _check_rows(out: np.ndarray, n: int, dim: int) -> None:
 @pytest.mark.parametrize("source", ["path", "in-memory"])
 def test_embedder_matches_model(source, in_memory, saved_tiny_dir, image_files) -> None:
     model, preprocess, tok = in_memory
+    kw = dict(device="cpu", batch_size=3, progress=False, precision="fp32")  # the model's own fp32 outputs
     if source == "path":
-        e = clipkit.Embedder(saved_tiny_dir, device="cpu", batch_size=3, progress=False)
+        e = clipkit.Embedder(saved_tiny_dir, **kw)
     else:
-        e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=3, progress=False)
+        e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, **kw)
     assert e.dim == model.embed_dim
     items = [image_files[0], image_files[1].read_bytes(), random_image(7), str(image_files[3])]  # path, bytes, PIL, str
     imgs = e.images(items)
@@ -110,3 +111,34 @@ def test_failures_are_per_thread(in_memory, image_files, tmp_path) -> None:
     resume.set()
     a.join(30)
     assert seen == {"a": [(0, str(bad_a))], "b": [(1, str(bad_b))]}
+
+
+def test_pool_keeps_order_and_nan_rows_with_failures(in_memory, image_files, tmp_path) -> None:
+    """Decoding runs in worker threads, out of order (later items finish first here); rows and the failure
+    record still follow item order, and every row equals the image embedded on its own."""
+    import time
+
+    model, preprocess, tok = in_memory
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    items = [image_files[i % 4] if i % 3 else bad for i in range(11)]  # failures at 0, 3, 6, 9
+    threads = set()
+
+    def slow_first(item):  # the first items of each batch take longest, so completion order differs
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02 * (4 - items.index(item) % 4) if item != bad else 0.0)
+        return preprocess(item)
+    e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=4, progress=False,
+                         precision="fp32", workers=4)
+    e.preprocess = slow_first
+    out = e.images(items, on_error="nan")
+    assert any(name.startswith("clipkit-decode") for name in threads)  # decoded by the pool
+    assert [i for i, _ in e.failures] == [0, 3, 6, 9]
+    assert np.isnan(out[[0, 3, 6, 9]]).all()
+    good = [i for i in range(11) if i % 3]
+    np.testing.assert_allclose(out[good], _reference_images(model, preprocess, [items[i] for i in good]), atol=1e-5)
+    serial = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=4,
+                              progress=False, precision="fp32", workers=0)
+    np.testing.assert_array_equal(serial.images(items, on_error="nan"), out)
+    with pytest.raises(ImageLoadError):  # the first failure raises in the caller, pool or not
+        e.images(items, on_error="raise")

@@ -10,16 +10,17 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "clipkit"
 # lower index = lower layer; names in one tuple are peers and must not import each other
 PACKAGES = [("errors",), ("fileio",), ("model",), ("formats", "data"), ("embed",), ("report",),
-            ("evaluate", "search"), ("train",), ("app",), ("cli",)]
+            ("evaluate", "search"), ("train",), ("app",), ("cli_search",), ("cli",)]
 MODULES = {  # inside each subpackage, the same rule over its modules
-    "model": [("config",), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
+    "model": [("config", "precision"), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
     "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("hub",), ("auto",), ("pretrained",)],
-    "data": [("tables", "augment"), ("samples",), ("shards", "cache", "datasets")],
+    "data": [("tables", "augment"), ("samples",), ("shards", "cache", "datasets"), ("stream", "shard_writer")],
     "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],
-    "search": [("io", "exact", "filters"), ("build",), ("index",), ("collection",)],
+    "search": [("io", "exact", "filters"), ("build", "query"), ("index",), ("dedup",), ("collection",)],
     "report": [("page", "plots")],
-    "train": [("config", "losses", "runlog"), ("runstate", "setup"), ("validation",), ("trainer",), ("distill",)],
-    "app": [("guard", "connections", "files"), ("uploads",), ("demo", "service")],
+    "train": [("config", "losses", "runlog"), ("runstate", "streamdata"), ("setup",), ("validation",), ("trainer",),
+              ("distill",)],
+    "app": [("guard", "connections", "files"), ("uploads", "fetch"), ("clipretrieval",), ("demo", "service")],
 }
 
 

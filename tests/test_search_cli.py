@@ -181,7 +181,7 @@ def test_serve_hands_its_arguments_to_the_service(monkeypatch):
     assert main(["serve", "--index", "i", "--model", "m", "--host", "0.0.0.0", "--api-key", "k"]) == 0
     for _, kw in calls:
         assert callable(kw.pop("on_ready"))  # the CLI prints the URL; the library does not
-    base = {"insecure_no_auth": False}
+    base = {"insecure_no_auth": False, "knn_images": False, "allow_image_url": False}
     assert calls == [(("i", "m"), {"host": "127.0.0.1", "port": 0, "api_key": "from-env", **base}),
                      (("i", "m"), {"host": "0.0.0.0", "port": 8000, "api_key": "k", **base})]
 

@@ -267,8 +267,9 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(pairs, micro_model,
 
 
 def test_gradient_cache_trains_like_the_plain_batch(pairs, micro_model, tmp_path):
-    Trainer(_cfg(pairs, micro_model, tmp_path / "plain", max_steps=3)).fit()
-    Trainer(_cfg(pairs, micro_model, tmp_path / "cached", max_steps=3, grad_cache_chunk=3)).fit()
+    # the same arithmetic in another order: equal to fp32 rounding (bf16 autocast would round each order apart)
+    Trainer(_cfg(pairs, micro_model, tmp_path / "plain", max_steps=3, precision="fp32")).fit()
+    Trainer(_cfg(pairs, micro_model, tmp_path / "cached", max_steps=3, grad_cache_chunk=3, precision="fp32")).fit()
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "cached")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5
@@ -318,7 +319,8 @@ def test_without_the_image_cache_bad_images_are_counted_per_batch(pairs, micro_m
     (data / "green_square_0.png").write_bytes(b"<html>404</html>")
     summary = Trainer(_cfg(data / "train.csv", micro_model, tmp_path / "run", max_steps=3, batch_size=8,
                            cache_images=False, max_bad_fraction=0.5)).fit()  # 3 batches of 8 = one epoch of 24
-    assert summary["skipped"]["by_reason"] == {"unidentified": 1} and summary["skipped"]["seen"] == 24
+    assert summary["skipped"]["by_reason"] == {"unidentified": 1}
+    assert summary["skipped"]["seen"] == 25  # 24 trained on (the bad row replaced by another: full batches) + 1
     assert not (tmp_path / "run" / "image_cache").exists()
 
 

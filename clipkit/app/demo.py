@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train", "a heart",
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
+MULTILINGUAL = "model_multilingual"  # the trained model with the distilled text tower (same image tower)
 RECIPES = {  # preset, extra trainer options
     "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True}),
     "scratch": ("tiny", {"style_augment": True}),
@@ -76,6 +77,8 @@ class DemoConfig:
     rerank_candidates: int = 8
     rerank_prompts: int = 100
     queries: list[str] = field(default_factory=lambda: list(TEXT_QUERIES))
+    distill_steps: int = 300  # the multilingual text tower's distillation (0: none); the image tower is shared
+    distill_langs: tuple[str, ...] = ("ko",)
     progress: bool = True
 
 
@@ -90,6 +93,7 @@ class DemoState:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # data: split (and "holdout") -> rows
     templates: tuple[str, ...] = ()  # data: the dataset's zero-shot prompts (templates.txt)
     embedder: Optional[Embedder] = None  # evaluate: the trained model
+    queries: Optional[Embedder] = None  # evaluate: the model text queries go through (the distilled one if any)
     few_shot: Optional[pd.DataFrame] = None  # evaluate: top-1 per (k, method)
     index: Optional[SearchIndex] = None  # index
     search: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # search: query -> top 3 (caption, score)
@@ -112,8 +116,12 @@ class DemoResult:
         """The README's table: each figure on the seen styles' unseen emoji and on the unseen style's."""
         m, style = self.metrics, self.metrics.get("data/holdout") or "none installed"
         lines = [f"| unseen emoji | seen styles | chance | unseen style ({style}) | chance |", "|---|---|---|---|---|"]
-        for label, group, name in HEADLINE:
-            cells = [_cell(m, metric_key(scope, group, key)) for scope in ("test", "style_test")
+        rows = [("", label, group, name) for label, group, name in HEADLINE]
+        if "distill/steps" in m:
+            rows += [("multilingual_", f"text->image R@10, plain {lang} names, distilled text tower", group,
+                      "text_to_image_R@10") for lang, group in (("English", "name_en"), ("Korean", "name_ko"))]
+        for prefix, label, group, name in rows:
+            cells = [_cell(m, prefix + metric_key(scope, group, key)) for scope in ("test", "style_test")
                      for key in (name, f"chance_{name}")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append(f"| best-of-{m.get('rerank/n_candidates', 8)} rerank top-1 | {_cell(m, 'rerank/best_of_n_top1')} "
@@ -121,9 +129,9 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def _say(cfg: DemoConfig, step: int, text: str) -> None:
+def _say(cfg: DemoConfig, step: int, total: int, text: str) -> None:
     if cfg.progress:
-        print(f"[{step}/7] {text}", flush=True)
+        print(f"[{step}/{total}] {text}", flush=True)
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -133,6 +141,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     stages: list[tuple[str, Callable[[DemoState], None]]] = [
         ("building the emoji dataset (every installed art style, English + Korean captions)", _data),
         (f"training the demo model ({cfg.max_steps} steps)", _train),
+        (f"distilling its text tower into {', '.join(cfg.distill_langs)} ({cfg.distill_steps} steps)", _distill),
         ("evaluating on unseen emoji, in the seen styles and in the unseen style", _evaluate),
         ("building the search index", _index),
         ("searching by text (English and Korean) and by image", _search),
@@ -140,8 +149,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         ("writing metrics.json and report.html", _report),
     ]
     state = DemoState(cfg, out)
+    stages = [(what, stage) for what, stage in stages if stage is not _distill or cfg.distill_steps]
     for i, (what, stage) in enumerate(stages, 1):
-        _say(cfg, i, what)
+        _say(cfg, i, len(stages), what)
         stage(state)
     return DemoResult(out, state.metrics, time.perf_counter() - start)
 
@@ -204,6 +214,26 @@ def _train(state: DemoState) -> None:
                           "train/model_from": "best validation epoch" if best.exists() else "last step"})
 
 
+def _distill(state: DemoState) -> None:
+    """A multilingual text tower for the trained model, from the emoji package's names (never the test emoji's)."""
+    from ..data.datasets.parallel import build_parallel
+    from ..train.distill import DistillConfig, distill_text
+
+    cfg, out = state.cfg, state.out
+    test_emoji = set(state.tables["test"]["emoji"])
+    pairs = build_parallel(out / "data" / "parallel.tsv", cfg.distill_langs, exclude=test_emoji)
+    t0 = time.perf_counter()
+    summary = distill_text(DistillConfig(model=str(out / "model"), parallel=pairs.path, output=str(out / "distill"),
+                                         steps=cfg.distill_steps, seed=cfg.seed, progress=cfg.progress))
+    with atomic_dir(out / MULTILINGUAL) as tmp:
+        shutil.copytree(summary["model_dir"], tmp, dirs_exist_ok=True)
+    state.metrics.update({f"distill/pairs_{k.replace('/', '_')}": n for k, n in pairs.pairs.items()})
+    state.metrics.update({"distill/steps": summary["steps"], "distill/excluded_emoji": len(test_emoji),
+                          "distill/seconds": round(time.perf_counter() - t0, 1),
+                          "distill/held_out_distance_before": summary["held_out_distance_before"],
+                          "distill/held_out_distance": summary["held_out_distance"]})
+
+
 def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
@@ -227,16 +257,26 @@ def evaluate_scopes(emb: Embedder, tables: dict[str, pd.DataFrame], templates: S
     for scope, table in _scopes(tables).items():
         images = table.drop_duplicates("image")
         m.update(_flat(metric_group(scope, "zeroshot"), eval_zeroshot(emb, images, templates=templates).metrics))
-        for query in SCOPE_QUERIES[scope]:
-            lang, form = QUERIES[query]
-            rows = table[(table["lang"] == lang) & (table["form"] == form)]
-            if len(rows):
-                m.update(_flat(metric_group(scope, query), eval_retrieval(emb, rows).metrics))
+    m.update(evaluate_queries(emb, tables))
     test = tables["test"]
     templated = test[test["form"] == "template"]
     m.update(_flat("retrieval", eval_retrieval(emb, templated).metrics))
     for lang in sorted(templated["lang"].unique()):
         m.update(_flat(f"retrieval_{lang}", eval_retrieval(emb, templated[templated["lang"] == lang]).metrics))
+    return m
+
+
+def evaluate_queries(emb: Embedder, tables: dict[str, pd.DataFrame], prefix: str = "") -> dict[str, Any]:
+    """Text->image retrieval by query set on every scope (what a second text tower changes), under `prefix`."""
+    from ..evaluate.runners import eval_retrieval
+
+    m: dict[str, Any] = {}
+    for scope, table in _scopes(tables).items():
+        for query in SCOPE_QUERIES[scope]:
+            lang, form = QUERIES[query]
+            rows = table[(table["lang"] == lang) & (table["form"] == form)]
+            if len(rows):
+                m.update(_flat(prefix + metric_group(scope, query), eval_retrieval(emb, rows).metrics))
     return m
 
 
@@ -279,8 +319,11 @@ def _evaluate(state: DemoState) -> None:
     from ..evaluate.runners import eval_linear_probe
 
     cfg, m = state.cfg, state.metrics
-    emb = state.embedder = MemoEmbedder(Embedder(state.out / "model", progress=False))
+    emb = state.embedder = state.queries = MemoEmbedder(Embedder(state.out / "model", progress=False))
     m.update(evaluate_scopes(emb, state.tables, state.templates))
+    if (state.out / MULTILINGUAL).exists():
+        state.queries = MemoEmbedder(Embedder(state.out / MULTILINGUAL, progress=False))
+        m.update(evaluate_queries(state.queries, state.tables, "multilingual_"))
     train, test = (state.tables[s].drop_duplicates("image") for s in ("train", "test"))
     probe = eval_linear_probe(emb, train, test, shots=cfg.shots, seeds=cfg.few_shot_seeds, templates=state.templates)
     m.update(_flat("probe", probe.metrics))
@@ -304,7 +347,7 @@ def _search(state: DemoState) -> None:
     from ..report.plots import plot_retrieval_grid
 
     cfg, out, index, emb = state.cfg, state.out, state.index, state.embedder
-    scores, ids = index.search(emb.texts(cfg.queries), k=6)
+    scores, ids = index.search(state.queries.texts(cfg.queries), k=6)
     results = index.results(scores, ids)
     plot_retrieval_grid(cfg.queries, [[(r["image"], r["score"]) for r in hits] for hits in results],
                         out / "search_text.png")
@@ -385,6 +428,23 @@ def _style_section(m: dict[str, Any], data: EmojiSummary) -> Section:
                                                          "unseen emoji)"], rows)])
 
 
+def _multilingual_section(m: dict[str, Any], cfg: DemoConfig) -> Optional[Section]:
+    """Text->image recall before and after distilling the text tower, by query language."""
+    from ..report.page import Section
+
+    if "distill/steps" not in m:
+        return None
+    rows = [[f"{label}, {query}", *(m.get(f"{p}{metric_key(scope, query, k)}") for p in ("", "multilingual_")
+                                    for k in ("text_to_image_R@1", "text_to_image_R@10"))]
+            for scope, label in (("test", "seen styles"), ("style_test", "unseen style")) for query in ("name_en", "name_ko")]
+    pairs = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("distill/pairs_")}
+    note = (f"The text tower was distilled for {m['distill/steps']} steps on {sum(pairs.values())} parallel pairs "
+            f"from the emoji package ({', '.join(f'{k}: {v}' for k, v in pairs.items())}), none naming a test emoji; "
+            f"the image tower is the same, so the index is unchanged. Search above uses {MULTILINGUAL}.")
+    return Section(f"Queries in {', '.join(cfg.distill_langs)}: before and after distillation", [note],
+                   tables=[(["unseen emoji, query set", "R@1 before", "R@10 before", "R@1 after", "R@10 after"], rows)])
+
+
 def demo_sections(state: DemoState) -> list[Section]:
     """The report's sections: headline numbers with chance, curves, search grids, rerank sheets."""
     from ..report.page import Section, metric_rows
@@ -393,6 +453,7 @@ def demo_sections(state: DemoState) -> list[Section]:
     zs, ret, rr = _group(m, "zeroshot"), _group(m, "retrieval"), _group(m, "rerank")
     metric_header = ["metric", "value", "chance"]
     sections = [_data_section(data), _style_section(m, data)]
+    sections += [s for s in [_multilingual_section(m, cfg)] if s is not None]
     sections.append(Section("Zero-shot subcategory labelling",
                             [f"Each label is the mean of {len(state.templates)} prompts (data/templates.txt): "
                              + ", ".join(repr(t) for t in state.templates) + "."],

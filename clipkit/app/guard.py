@@ -6,6 +6,7 @@ same on every Python: before 3.11 `asyncio.TimeoutError` is not the builtin `Tim
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
@@ -98,10 +99,17 @@ class Guard:
         return None
 
     def _authorized(self, scope: dict) -> bool:
+        """X-API-Key, `Authorization: Bearer KEY`, or Basic auth with the key as password (what `requests` sends
+        for `http://user:KEY@host/`: clip-retrieval's ClipClient can send no header of its own)."""
         given = header(scope, b"x-api-key")
         auth = header(scope, b"authorization") or ""
         if given is None and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
+        elif given is None and auth[:6].lower() == "basic ":
+            try:
+                given = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return False
         return given is not None and hmac.compare_digest(_digest(given), self.key_digest)
 
     async def _read_body(self, scope: dict, receive: Callable, held: list[int]

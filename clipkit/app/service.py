@@ -1,8 +1,11 @@
 """HTTP search service: a FastAPI app over one SearchIndex + Embedder, and a hardened uvicorn runner.
 
-Routes: `GET /search?q=&k=` (text; exact-match filters on metadata columns, e.g. `&style=emoji`, and/or
-`&filter=<filter string>` in the grammar of `search.filters`), `POST /search` (multipart `file` image,
-optional `k`), `GET /thumb/{id}` (the file in the `image` metadata column), `GET /healthz`, `GET /` (page).
+Routes: `GET /search?q=&k=` (text, `-word` negative terms as in `search.query`; exact-match filters on metadata
+columns, e.g. `&style=emoji`, and/or `&filter=<filter string>` in the grammar of `search.filters`), `POST /search`
+(multipart `file` image, optional `k`, and `q` + `image_weight` for a combined query), `GET /thumb/{id}` (the file
+in the `image` metadata column), `GET /healthz`, `GET /` (page); every search route takes `index=NAME` when
+several indexes are served (default: the first). The clip-retrieval back-end API (`/indices-list`,
+`/knn-service`, `/metadata`) sits beside them (`clipretrieval`), under the same limits and key.
 Results carry an allow-list of metadata columns: by default every column but the file paths.
 Every error is `{"error": "..."}` JSON with a 4xx/5xx status; no traceback, path or repr leaves.
 
@@ -27,7 +30,7 @@ import platform
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +47,9 @@ from starlette.middleware.cors import CORSMiddleware
 from ..embed import Embedder
 from ..search.filters import FilterError, Logic, Member, Node, parse_filter
 from ..search.index import MAX_K, SearchIndex
+from ..search.query import IMAGE_WEIGHT, Query, parse_query, query_vector
 from ..model.transforms import BLOCKED_FORMATS
+from .clipretrieval import KnnOptions, add_clip_retrieval_routes
 from .connections import Pending, protocol_class
 from .files import absolute_paths, find_image_roots, open_under
 from .guard import ApiError, Guard, error_response, within
@@ -55,6 +60,7 @@ STATIC = Path(__file__).with_name("static")
 ASSETS = {"/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/static/app.css": ("app.css", "text/css; charset=utf-8")}
 OPEN_PATHS = frozenset({"/", "/healthz", *ASSETS})  # served without the API key
+QUERY_PARAMS = ("q", "k", "index", "negative", "image_weight")  # never metadata filters
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 THUMB_SIDE, THUMB_CACHE, THUMB_WAIT_S = 256, 512, 5.0
 MAX_FILTER_VALUES = 100
@@ -121,7 +127,7 @@ def _filterable(meta: pd.DataFrame, columns: Iterable[str]) -> dict[str, str]:
     out = {}
     for col in columns:
         s = meta[col]
-        if col in ("q", "k", "filter", "id", "score"):
+        if col in (*QUERY_PARAMS, "filter", "id", "score"):
             continue
         if pd.api.types.is_bool_dtype(s.dtype):
             out[col] = "bool"
@@ -157,14 +163,23 @@ async def _acquire(sem: Any, timeout: float) -> bool:
         return False
 
 
+def load_embedder(model_dir: str | Path) -> Embedder:
+    """An Embedder whose tokenizer the search threads may share."""
+    embedder = Embedder(model_dir, progress=False)
+    embedder.tokenizer = _LockedTokenizer(embedder.tokenizer)
+    return embedder
+
+
 class Service:
-    """The loaded model and index plus the request logic; searches run in worker threads."""
+    """One served index with its model, plus the request logic; searches run in worker threads. Services of
+    one app share `share`'s search slots and decode budget (the limits hold for the server, not per index)."""
 
     def __init__(self, index_dir: str | Path, model_dir: str | Path, limits: Limits, *,
-                 result_columns: Iterable[str] | None = None, image_roots: Iterable[str] | None = None) -> None:
+                 result_columns: Iterable[str] | None = None, image_roots: Iterable[str] | None = None,
+                 name: str | None = None, embedder: Embedder | None = None, share: Service | None = None) -> None:
         self.index_dir = Path(index_dir)
-        self.embedder = Embedder(model_dir, progress=False)
-        self.embedder.tokenizer = _LockedTokenizer(self.embedder.tokenizer)
+        self.name = name or self.index_dir.resolve().name
+        self.embedder = embedder if embedder is not None else load_embedder(model_dir)
         self.image_size = self.embedder.preprocess.cfg.image_size
         if limits.max_pixels is None:
             limits = _replace(limits, max_pixels=max(MODEL_PIXELS * self.image_size ** 2, 1_000_000))
@@ -180,10 +195,10 @@ class Service:
         self.roots = find_image_roots(paths, image_roots)
         if IMAGE_COL not in meta.columns:
             log.warning("index %s has no %r metadata column: /thumb answers 404", self.index_dir, IMAGE_COL)
-        self.budget = DecodeBudget(limits.decode_memory)
-        self.slots = asyncio.Semaphore(limits.max_concurrency)
+        self.budget = DecodeBudget(limits.decode_memory) if share is None else share.budget
+        self.slots = asyncio.Semaphore(limits.max_concurrency) if share is None else share.slots
         self.cached_thumb = functools.lru_cache(THUMB_CACHE)(self.make_thumb)  # errors are not cached
-        self.thumb_slots = asyncio.Semaphore(max(2, limits.max_concurrency))
+        self.thumb_slots = asyncio.Semaphore(max(2, limits.max_concurrency)) if share is None else share.thumb_slots
 
     def health(self) -> dict:
         return {"status": "ok", "count": len(self.index), "dim": self.index.dim, "model": self.model_name,
@@ -233,14 +248,29 @@ class Service:
         finally:
             self.slots.release()
 
-    def search_text(self, q: str, k: int, filters: Node | None) -> list[dict]:
-        return self._search(self.embedder.texts([q]), k, filters)
-
-    def search_image(self, data: bytes, k: int, filters: Node | None) -> list[dict]:
+    def decode(self, data: bytes) -> Image.Image:
+        """An uploaded image, decoded under the limits (4xx ApiError otherwise)."""
         draft = self.image_size if self.embedder.preprocess.cfg.jpeg_draft else None  # as Preprocess decodes
         img, _ = decode_image(io.BytesIO(data), self.limits.allowed_formats, self.limits.max_pixels,
                               self.budget, self.limits.queue_timeout, draft=draft)
-        return self._search(self.embedder.images([img]), k, filters)
+        return img
+
+    def query_vector(self, text: str | None, image: bytes | None, negative: Iterable[str] = (),
+                     image_weight: float = IMAGE_WEIGHT) -> Any:
+        """The `[1, D]` vector of a text and/or uploaded-image query with negative terms (`search.query`)."""
+        try:
+            query = parse_query(text, None if image is None else b"", list(negative), image_weight)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        pixels = None if image is None else self.decode(image)
+        try:
+            return query_vector(self.embedder, Query(query.text, pixels, query.negative, query.image_weight))
+        except ValueError as e:  # `cat -cat`: no direction left
+            raise ApiError(400, str(e).split(" (rows")[0]) from None
+
+    def search_query(self, text: str | None, image: bytes | None, k: int, filters: Node | None,
+                     negative: Iterable[str] = (), image_weight: float = IMAGE_WEIGHT) -> list[dict]:
+        return self._search(self.query_vector(text, image, negative, image_weight), k, filters)
 
     def _search(self, query: Any, k: int, filters: Node | None) -> list[dict]:
         try:
@@ -288,15 +318,38 @@ def _replace(limits: Limits, **changes: Any) -> Limits:
     return Limits(**{**{f.name: getattr(limits, f.name) for f in fields(Limits)}, **changes})
 
 
-def create_app(index_dir: str | Path, model_dir: str | Path, *, api_key: str | None = None,
-               allowed_hosts: Iterable[str] | None = None, allow_origins: Iterable[str] = (),
-               result_columns: Iterable[str] | None = None, image_roots: Iterable[str] | None = None,
+def load_services(index_dir: str | Path | Mapping[str, str | Path], model_dir: str | Path | Mapping[str, str | Path],
+                  limits: Limits, **options: Any) -> dict[str, Service]:
+    """{name: Service}: one index folder (named after it) or {name: folder}; `model_dir` one model for all or
+    {name: model}. A model shared by several indexes is loaded once; the services share one set of limits."""
+    indexes = dict(index_dir) if isinstance(index_dir, Mapping) else {Path(index_dir).resolve().name: index_dir}
+    if not indexes or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", n) for n in indexes):
+        raise ValueError(f"index names are 1-64 letters, digits, '.', '_' or '-': {list(indexes)}")
+    models = dict(model_dir) if isinstance(model_dir, Mapping) else dict.fromkeys(indexes, model_dir)
+    if set(models) != set(indexes):
+        raise ValueError(f"give one model for every index: indexes {sorted(indexes)}, models {sorted(models)}")
+    embedders: dict[Path, Embedder] = {}
+    services: dict[str, Service] = {}
+    for name, folder in indexes.items():
+        key = Path(models[name]).resolve()
+        if key not in embedders:
+            embedders[key] = load_embedder(models[name])
+        services[name] = Service(folder, models[name], limits, name=name, embedder=embedders[key],
+                                 share=next(iter(services.values()), None), **options)
+    return services
+
+
+def create_app(index_dir: str | Path | Mapping[str, str | Path], model_dir: str | Path | Mapping[str, str | Path], *,
+               api_key: str | None = None, allowed_hosts: Iterable[str] | None = None,
+               allow_origins: Iterable[str] = (), result_columns: Iterable[str] | None = None,
+               image_roots: Iterable[str] | None = None, knn_images: bool = False, allow_image_url: bool = False,
                **limits: Any) -> FastAPI:
-    """The search app. Loads the model and the index now; any load error raises here (IndexLoadError,
-    CheckpointError). `allowed_hosts=None` accepts loopback names only; `("*",)` accepts any Host.
+    """The search app. Loads the models and the indexes now; any load error raises here (IndexLoadError,
+    CheckpointError). `index_dir`: one folder, or {name: folder} to serve several (`model_dir`: one model,
+    or {name: model}). `allowed_hosts=None` accepts loopback names only; `("*",)` accepts any Host.
     `result_columns`: the metadata columns results carry (default: all but the file paths);
     `image_roots`: folders thumbnails may come from (default: the folder holding all indexed images);
-    `limits`: fields of `Limits`."""
+    `knn_images`, `allow_image_url`: the clip-retrieval API's `KnnOptions`; `limits`: fields of `Limits`."""
     limits_ = Limits(**{k: tuple(v) if k == "allowed_formats" else v for k, v in limits.items()})
     limits_.check()
     if api_key is not None and not api_key:
@@ -304,11 +357,13 @@ def create_app(index_dir: str | Path, model_dir: str | Path, *, api_key: str | N
     hosts = frozenset(h.lower() for h in (LOOPBACK_NAMES if allowed_hosts is None else allowed_hosts))
     page = {p: ((STATIC / f).read_bytes(), t) for p, (f, t) in ASSETS.items()}
     index_html = (STATIC / "index.html").read_bytes()
-    svc = Service(index_dir, model_dir, limits_, result_columns=result_columns, image_roots=image_roots)
+    services = load_services(index_dir, model_dir, limits_, result_columns=result_columns, image_roots=image_roots)
     app = FastAPI(title="clipkit search", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = svc
+    app.state.services = services
+    app.state.service = next(iter(services.values()))  # the default index
     _add_error_handlers(app)
-    _add_routes(app, svc, index_html, page)
+    _add_routes(app, services, index_html, page)
+    add_clip_retrieval_routes(app, services, KnnOptions(images=knn_images, image_url=allow_image_url))
     app.add_middleware(Guard, hosts=None if "*" in hosts else hosts, key=api_key,
                        max_body=limits_.max_upload_bytes, body_timeout=limits_.body_timeout, open_paths=OPEN_PATHS)
     if tuple(allow_origins):  # added last: outermost, so it answers preflights
@@ -340,7 +395,58 @@ def _asset(data: bytes, media_type: str) -> Callable:
     return serve
 
 
-def _add_routes(app: FastAPI, svc: Service, index_html: bytes, assets: dict) -> None:
+def pick_service(services: Mapping[str, Service], name: str | None) -> Service:
+    """The service called `name`, the first one when None; 404 for an unknown name."""
+    if name is None:
+        return next(iter(services.values()))
+    if not isinstance(name, str) or name not in services:
+        raise ApiError(404, f"unknown index; served: {sorted(services)}")
+    return services[name]
+
+
+def _weight(raw: str | None) -> float:
+    if raw is None:
+        return IMAGE_WEIGHT
+    if not re.fullmatch(r"(0(\.[0-9]{1,6})?|1(\.0{1,6})?)", raw.strip()):
+        raise ApiError(422, "image_weight must be a number in 0..1")
+    return float(raw)
+
+
+def _text(svc: Service, raw: str | None, required: bool) -> str | None:
+    q = (raw or "").strip()
+    if not q and required:
+        raise ApiError(400, "empty query: pass q=<text>, or POST an image")
+    if len(q) > svc.limits.max_query_chars:
+        raise ApiError(400, f"query longer than {svc.limits.max_query_chars} characters")
+    return q or None
+
+
+def _negatives(svc: Service, params: QueryParams) -> list[str]:
+    values = params.getlist("negative")
+    if len(values) > MAX_FILTER_VALUES or sum(map(len, values)) > svc.limits.max_query_chars:
+        raise ApiError(400, "too many or too long negative terms")
+    return values
+
+
+async def _image_form(request: Request) -> tuple[bytes, dict[str, str]]:
+    """The uploaded `file` and the short text fields of a multipart POST."""
+    if not (request.headers.get("content-type") or "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "POST /search takes multipart/form-data with an image in the 'file' field")
+    form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
+    try:  # other form fields (image_url, path, ...) are ignored: nothing is fetched or opened
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "missing image: upload it in the 'file' field")
+        fields = {k: v for k, v in form.items() if isinstance(v, str) and k in ("q", "k", "image_weight")}
+        data = await upload.read()
+    finally:
+        await form.close()
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    return data, fields
+
+
+def _add_routes(app: FastAPI, services: Mapping[str, Service], index_html: bytes, assets: dict) -> None:
     @app.get("/", response_class=HTMLResponse)
     async def page() -> Response:
         return Response(index_html, media_type="text/html; charset=utf-8")
@@ -349,42 +455,36 @@ def _add_routes(app: FastAPI, svc: Service, index_html: bytes, assets: dict) -> 
         app.add_api_route(route, _asset(data, media_type), methods=["GET"])
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return svc.health()
+    async def healthz(request: Request) -> dict:
+        svc = pick_service(services, _single(request.query_params, "index"))
+        return {**svc.health(), "index": svc.name, "indexes": list(services)}
 
     @app.get("/search")
     async def search_text(request: Request) -> Response:
         params = request.query_params
-        q = (_single(params, "q") or "").strip()
-        if not q:
-            raise ApiError(400, "empty query: pass q=<text>, or POST an image")
-        if len(q) > svc.limits.max_query_chars:
-            raise ApiError(400, f"query longer than {svc.limits.max_query_chars} characters")
+        svc = pick_service(services, _single(params, "index"))
+        q = _text(svc, _single(params, "q"), required=True)
         k = _parse_k(_single(params, "k"), svc.limits.max_k)
-        filters = svc.parse_filters(params, skip=("q", "k"))
-        return JSONResponse({"results": await svc.limited(lambda: svc.search_text(q, k, filters))})
+        negative = _negatives(svc, params)
+        filters = svc.parse_filters(params, skip=("q", "k", "index", "negative"))
+        return JSONResponse({"results": await svc.limited(lambda: svc.search_query(q, None, k, filters, negative))})
 
     @app.post("/search")
     async def search_image(request: Request) -> Response:
-        if not (request.headers.get("content-type") or "").lower().startswith("multipart/form-data"):
-            raise ApiError(415, "POST /search takes multipart/form-data with an image in the 'file' field")
-        form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-        try:  # other form fields (image_url, path, ...) are ignored: nothing is fetched or opened
-            upload, k_field = form.get("file"), form.get("k")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "missing image: upload it in the 'file' field")
-            data = await upload.read()
-        finally:
-            await form.close()
-        k_raw = k_field if isinstance(k_field, str) else _single(request.query_params, "k")
-        k = _parse_k(k_raw, svc.limits.max_k)
-        filters = svc.parse_filters(request.query_params, skip=("k",))
-        if not data:
-            raise ApiError(400, "the uploaded file is empty")
-        return JSONResponse({"results": await svc.limited(lambda: svc.search_image(data, k, filters))})
+        params = request.query_params
+        svc = pick_service(services, _single(params, "index"))
+        data, form = await _image_form(request)
+        k = _parse_k(form.get("k", _single(params, "k")), svc.limits.max_k)
+        q = _text(svc, form.get("q", _single(params, "q")), required=False)
+        weight = _weight(form.get("image_weight", _single(params, "image_weight")))
+        negative = _negatives(svc, params)
+        filters = svc.parse_filters(params, skip=QUERY_PARAMS)
+        return JSONResponse({"results": await svc.limited(
+            lambda: svc.search_query(q, data, k, filters, negative, weight))})
 
     @app.get("/thumb/{item_id}")
-    async def thumb(item_id: str) -> Response:
+    async def thumb(item_id: str, request: Request) -> Response:
+        svc = pick_service(services, _single(request.query_params, "index"))
         data, media_type = await svc.thumb(svc.thumb_row(item_id))
         return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
 
@@ -448,7 +548,9 @@ def run_server(index_dir: str | Path, model_dir: str | Path, *, host: str = "127
     """Load, bind, call `on_ready("http://HOST:PORT")` (else log it), serve until SIGINT/SIGTERM. Port 0 picks
     a free port. Load errors raise before the port is bound. A non-loopback `host` needs `api_key` (or
     `insecure_no_auth=True`) and then accepts any Host unless `allowed_hosts` is given. `options` go to
-    `create_app` (`Limits` fields, result_columns, image_roots, allowed_hosts, allow_origins)."""
+    `create_app` (`Limits` fields, result_columns, image_roots, allowed_hosts, allow_origins, knn_images,
+    allow_image_url);
+    `index_dir` / `model_dir` may be {name: folder} mappings to serve several indexes."""
     import uvicorn
 
     check_exposure(host, api_key, insecure_no_auth)

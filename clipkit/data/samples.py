@@ -1,8 +1,9 @@
 """Dataset items and batches: (pixels, token ids) samples of a pairs table, collation, exact skip counts.
 
 A dataset item is `{"pixels", "input_ids", "attention_mask", "index"}` or, for an image that cannot be
-read, `{"skip": (path, reason), "index"}`; `collate` moves the skips into the batch so that the main
-process counts them (exact across DataLoader workers) with a `SkipCounter`.
+read, `{"skip": (path, reason), "index"}`. A good item may carry `replaced`: the skip records of the bad
+samples it stands in for (so batches keep their size). `collate` moves all skips into the batch so that the
+main process counts them (exact across DataLoader workers) with a `SkipCounter`.
 """
 from __future__ import annotations
 
@@ -64,18 +65,23 @@ class PairDataset(Dataset):
 def collate(batch: Sequence[Sample]) -> dict[str, Any]:
     """Stack the good samples; skipped images and shard errors travel as lists for the main process to count.
 
-    `skipped` holds (path, reason) pairs and `skipped_index` their dataset indexes, in the same order.
-    A batch whose samples were all skipped has `index.numel() == 0` (and empty tensors).
+    `skipped` holds (path, reason) pairs and `skipped_index` their dataset indexes, in the same order (skip
+    records first, then those replaced by good items). A batch whose samples were all skipped has
+    `index.numel() == 0` (and empty tensors). A streamed batch carries its last item's `stream` position.
     """
     good = [b for b in batch if "pixels" in b]
     out: dict[str, Any] = (default_collate([{k: b[k] for k in _TENSOR_KEYS} for b in good]) if good else
                            {k: torch.empty(0, dtype=torch.long if k != "pixels" else torch.float32)
                             for k in _TENSOR_KEYS})
-    out["skipped"] = [b["skip"] for b in batch if "skip" in b]
-    out["skipped_index"] = [b["index"] for b in batch if "skip" in b]
-    out["shard_errors"] = [b["shard_error"] for b in batch if "shard_error" in b]
+    skips = [b for b in batch if "skip" in b] + [r for b in good for r in b.get("replaced", ())]
+    out["skipped"] = [b["skip"] for b in skips]
+    out["skipped_index"] = [b["index"] for b in skips]
+    out["shard_errors"] = ([b["shard_error"] for b in batch if "shard_error" in b]
+                           + [e for b in good for e in b.get("shard_errors", ())])
     if any("key" in b for b in good):
         out["keys"] = [b.get("key") for b in good]
+    if good and "stream" in good[-1]:
+        out["stream"] = good[-1]["stream"]
     return out
 
 
@@ -146,6 +152,18 @@ class SkipCounter:
         out.examples, out.bad_shards = list(d["examples"]), list(d.get("bad_shards", []))
         return out
 
+    @classmethod
+    def merge(cls, parts: Iterable[dict[str, Any]]) -> "SkipCounter":
+        """One counter from several `to_dict`s (the ranks of a run): counts add, examples and shards concatenate."""
+        out = cls()
+        for d in parts:
+            part = cls.from_dict(d)
+            out.seen += part.seen
+            out.by_reason.update(part.by_reason)
+            out.examples = (out.examples + part.examples)[: out.max_examples]
+            out.bad_shards += part.bad_shards
+        return out
+
 
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and `random` in a DataLoader worker from torch's per-worker seed."""
@@ -164,7 +182,8 @@ def make_loader(dataset: Dataset, batch_size: int = 1, shuffle: bool = False, nu
     The loader's own generator also seeds the workers, so iterating never draws from the global torch RNG.
     """
     if shuffle and isinstance(dataset, IterableDataset):
-        raise ValueError("a streamed dataset cannot be shuffled by the loader; use TarShardDataset(shuffle_buffer=)")
+        raise ValueError("a streamed dataset cannot be shuffled by the loader; use a shuffle buffer "
+                         "(TarShardDataset(shuffle_buffer=), data.stream.ShardStream)")
     generator = torch.Generator()
     generator.manual_seed(seed)
     order: dict[str, Any] = ({"batch_sampler": batch_sampler} if batch_sampler is not None else

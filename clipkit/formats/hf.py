@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, write_json_atomic
 from ..model.clip import CLIPModel
 from ..model.config import (CLIP_VIT, OPENAI_MEAN, OPENAI_STD, ModelConfig, PreprocessConfig, TextConfig,
                             VisionConfig, vision_kwargs)
@@ -213,5 +213,38 @@ def save_hf(model: CLIPModel, tokenizer: Tokenizer, directory: PathLike) -> Path
     with atomic_dir(directory) as tmp:
         hf.save_pretrained(str(tmp))
         tokenizer.save(tmp)
+        _set_max_length(tmp / "tokenizer_config.json", tokenizer.context_length)
         processor.save_pretrained(str(tmp))
+        check_hf_export(tmp, tokenizer, size)
     return directory
+
+
+def _set_max_length(path: Path, context_length: int) -> None:
+    """The exported tokenizer's `model_max_length` is the model's context (truncation=True then cuts there)."""
+    if path.is_file():
+        write_json_atomic(path, {**read_json(path), "model_max_length": context_length})
+
+
+PROBES = ("a cat.", "Dog 7!")  # short: within any context length, so no truncation is compared
+
+
+def check_hf_export(directory: Path, tokenizer: Tokenizer, image_size: int) -> None:
+    """Load what `pipeline(..., model=directory)` loads and check it: without its tokenizer files transformers
+    builds an empty 2-token tokenizer silently and every label scores the same, so a missing or different
+    tokenizer, or a missing preprocessor, raises CheckpointError instead of exporting."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: the exported tokenizer or preprocessor does not load ({e})") from None
+    want = tokenizer(list(PROBES))
+    for i, text in enumerate(PROBES):
+        n = int(want["attention_mask"][i].sum())
+        if hf_tok(text)["input_ids"] != want["input_ids"][i, :n].tolist():
+            raise CheckpointError(f"{directory}: the exported tokenizer ({type(hf_tok).__name__}, {len(hf_tok)} tokens) "
+                                  f"does not tokenize like the model's ({tokenizer!r}); nothing was exported")
+    crop = getattr(processor, "crop_size", None) or {}
+    if crop.get("height") != image_size or crop.get("width") != image_size:
+        raise CheckpointError(f"{directory}: the exported preprocessor crops to {crop}, the model takes {image_size} px")

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from .config import ModelConfig
 from .groups import (Groups, batch_norms_within, frozen_by_groups, image_groups, is_clip_text, is_clip_vit,
                      norm_names, text_groups, with_prefix)
-from .towers import build_image_tower, build_text_tower, pool_text, text_width
+from .towers import build_image_tower, build_text_tower, pool_text, text_width, trim_padding
 
 Tokens = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 MAX_LOGIT_SCALE = math.log(100)
@@ -30,6 +30,14 @@ class ClipOutput:
     text_features: Optional[torch.Tensor]
     logit_scale: torch.Tensor
     logit_bias: Optional[torch.Tensor] = None
+
+
+def _project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tower's projection, outside autocast: in the weights' own dtype (float32 unless the model was cast), as
+    measured in `benchmarks/bench_precision.py` it costs little and keeps bf16 neighbours closer to fp32's."""
+    w = getattr(proj, "weight", None)  # a method, not a tensor, once quantised to int8
+    with torch.autocast(x.device.type, enabled=False):
+        return proj(x.to(w.dtype) if isinstance(w, torch.Tensor) else x.float())
 
 
 class CLIPModel(nn.Module):
@@ -73,16 +81,16 @@ class CLIPModel(nn.Module):
         return f"sha256:{h.hexdigest()[:16]}"
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.visual_proj(self.visual(pixels))  # [B, 3, H, W] -> [B, F] -> [B, D]
-        return F.normalize(x, dim=-1) if normalize else x
+        x = _project(self.visual_proj, self.visual(pixels))  # [B, 3, H, W] -> [B, F] -> [B, D]
+        return F.normalize(x.float(), dim=-1) if normalize else x  # float32 unit rows, whatever ran inside
 
     def encode_text(self, tokens: Tokens, normalize: bool = True) -> torch.Tensor:
         return self.encode_text_pooled(self.text_pooled(tokens), normalize)  # [B, W] -> [B, D]
 
     def encode_text_pooled(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Project cached `text_pooled` features `[B, W] -> [B, D]` (training with a locked text tower)."""
-        x = self.text_proj(pooled.to(self.text_proj.weight.dtype))
-        return F.normalize(x, dim=-1) if normalize else x
+        x = _project(self.text_proj, pooled)
+        return F.normalize(x.float(), dim=-1) if normalize else x
 
     def text_pooled(self, tokens: Tokens) -> torch.Tensor:
         """The text tower's pooled output before projection, `[B, W]` (cacheable when the tower is locked)."""
@@ -90,11 +98,13 @@ class CLIPModel(nn.Module):
             ids, mask = tokens, getattr(tokens, "attention_mask", None)
         else:
             ids, mask = tokens["input_ids"], tokens.get("attention_mask")
-        device = self.logit_scale.device
-        ids = ids.to(device)
-        mask = mask.to(device) if mask is not None else self._default_mask(ids)
-        hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, W]
         cfg = self.config.text
+        ids = ids.as_subclass(torch.Tensor) if isinstance(ids, torch.Tensor) else ids
+        mask = mask if mask is not None else self._default_mask(ids)
+        ids, mask = trim_padding(ids, mask, cfg.eot_token_id, causal=is_clip_text(self.text))  # [B, L] -> [B, l]
+        device = self.logit_scale.device
+        ids, mask = ids.to(device), mask.to(device) if mask is not None else None
+        hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, l, W]
         return pool_text(hidden, ids, mask, cfg.pooling, cfg.eot_token_id)
 
     def _default_mask(self, ids: torch.Tensor) -> Optional[torch.Tensor]:

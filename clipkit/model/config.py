@@ -72,6 +72,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: Optional[float] = None  # set for the sigmoid loss
     proj_bias: bool = False
+    # the fingerprint of the model whose joint space this one's text tower was distilled into (same image
+    # tower): indexes built with that model are queried with this one as their own
+    text_space: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +94,7 @@ class ModelConfig:
             init_logit_scale=d.get("init_logit_scale", math.log(1 / 0.07)),
             init_logit_bias=d.get("init_logit_bias"),
             proj_bias=d.get("proj_bias", False),
+            text_space=d.get("text_space"),
         )
 
 

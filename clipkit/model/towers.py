@@ -107,6 +107,34 @@ def text_width(model: PreTrainedModel) -> int:
     return int(model.config.hidden_size)
 
 
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], eot_token_id: Optional[int], causal: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Cut `[B, L]` ids (and mask) after the last position any row attends, so no compute goes to padding.
+
+    Exact: with a mask, the cut positions are masked out for every row; without one, a causal tower's pooled
+    end-of-text state never depends on later positions. A bidirectional tower without a mask is left whole.
+    """
+    if attention_mask is not None:
+        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+        keep = int((attention_mask.bool() * positions).amax()) if input_ids.numel() else 0
+    elif causal:
+        keep = int(_eot_index(input_ids, eot_token_id).amax()) + 1 if input_ids.numel() else 0
+    else:
+        return input_ids, attention_mask
+    keep = max(keep, 1)
+    if keep >= input_ids.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :keep], attention_mask[:, :keep] if attention_mask is not None else None
+
+
+def _eot_index(input_ids: torch.Tensor, eot_token_id: Optional[int]) -> torch.Tensor:
+    """`[B]` position of each row's first end-of-text token (the largest id, OpenAI's convention, if unknown)."""
+    if eot_token_id is not None:
+        return (input_ids == eot_token_id).int().argmax(-1)
+    return input_ids.argmax(-1)
+
+
 def pool_text(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -130,8 +158,6 @@ def pool_text(
     if attention_mask is not None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         idx = (attention_mask.bool() * positions).argmax(-1)  # last attended position
-    elif eot_token_id is not None:
-        idx = (input_ids == eot_token_id).int().argmax(-1)  # first end-of-text token
     else:
-        idx = input_ids.argmax(-1)  # OpenAI convention: end-of-text has the largest id
+        idx = _eot_index(input_ids, eot_token_id)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]

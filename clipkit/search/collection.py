@@ -31,13 +31,16 @@ from ..embed import Embedder, as_embedder
 from ..errors import DataError
 from ..fileio import atomic_path, check_free_space, files_fingerprint, reserve_space, write_json_atomic
 from .build import eval_rows, make_index, resolve_factory, train, train_rows
+from .dedup import drop_near_duplicates, duplicate_groups, near_duplicate_pairs, remove_near_duplicates
 from .exact import check_vectors, drop_self, exact_search_blocks
 from .index import SearchIndex, tune
 from .io import c_stdout_to_stderr
+from .query import IMAGE_WEIGHT, parse_query, query_vector
 
 PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 2  # 2: the image columns are `image` / `image_rel`, as in pairs tables (1 named them path)
 INFO = "collection.json"
+DUPLICATES = "duplicates.csv"  # written by `collection_duplicates` (`clipkit embed --dedup`)
 ADDED_COLUMNS = ("id", "ok", "error")  # what the collection adds to the source's columns
 MUST_MATCH = ("format_version", "model_id", "dim", "dtype", "count", "shard_size", "captions", "source_hash")
 
@@ -150,7 +153,7 @@ def _embed_chunk(embedder: Embedder, loader: Iterator, batches: list[list[int]],
         failed.update((i, reason) for i, (_, reason) in zip(batch["skipped_index"], batch["skipped"]))
         if good.size:
             pixels = batch["pixels"].to(embedder.device)
-            out[good - lo] = embedder.model.encode_image(pixels).float().cpu().numpy()
+            out[good - lo] = embedder.pixels(pixels)  # in the embedder's precision (auto: bf16 where native)
         bar.update(len(ids))
     return out, failed
 
@@ -285,12 +288,15 @@ def _set_ids(index: faiss.IndexIDMap2, ids: np.ndarray) -> None:
 def build_index_from_collection(emb_dir: PathLike, out_dir: PathLike, kind: str = "auto",
                                 memory_budget: Optional[int] = None, *, on_disk: bool = False,
                                 train_sample: int = 100_000, seed: int = 0, keep_vectors: bool = True,
-                                progress: bool = True) -> SearchIndex:
+                                progress: bool = True, dedup: Optional[float] = None) -> SearchIndex:
     """Build, save and return a SearchIndex over a collection; ids are collection ids, failed rows tombstoned.
 
-    `on_disk=True` builds an IVF index whose inverted lists stay on disk (`build_ivf_ondisk`).
+    `on_disk=True` builds an IVF index whose inverted lists stay on disk (`build_ivf_ondisk`). `dedup=t`
+    tombstones near-duplicates (cosine >= t) but the first of each group (`dedup.remove_near_duplicates`).
     """
     info = read_collection_info(emb_dir)
+    if on_disk and dedup is not None:
+        raise ValueError("dedup applies to in-memory builds; list an on-disk index's duplicates with `clipkit dedup`")
     if on_disk:
         factory = ondisk_factory(kind, info["count"], info["dim"], memory_budget)
         return build_ivf_ondisk(emb_dir, out_dir, factory, train_sample=train_sample, seed=seed,
@@ -311,8 +317,28 @@ def build_index_from_collection(emb_dir: PathLike, out_dir: PathLike, kind: str 
     report = {**built.build_report, "count": len(ok), "failed": int((~ok).sum())}
     index = SearchIndex(built.index, _index_metadata(meta), built.factory, vectors=full, deleted=~ok,
                         model_id=built.model_id, build_report=report)
+    if dedup is not None:
+        index.build_report["dedup"] = remove_near_duplicates(index, dedup)
     index.save(out_dir)
     return index
+
+
+def collection_duplicates(emb_dir: PathLike, threshold: float = 0.95) -> pd.DataFrame:
+    """Near-duplicate groups of a finished collection (`dedup.duplicate_groups`: group, id, keep, similarity and
+    the metadata; ids are collection ids), found exactly over its image vectors and written to `duplicates.csv`
+    beside the chunks. The embeddings are not changed: `index build --dedup` leaves the copies out."""
+    vectors, meta = load_collection(emb_dir)
+    ok = meta["ok"].to_numpy(bool)
+    full = np.zeros_like(vectors)
+    if ok.any():
+        full[ok] = check_vectors(vectors[ok])
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(full[ok], np.flatnonzero(ok).astype(np.int64))
+    index = SearchIndex(flat, _index_metadata(meta), "Flat", vectors=full, deleted=~ok)
+    groups = duplicate_groups(near_duplicate_pairs(index, threshold), index.metadata)
+    with atomic_path(Path(emb_dir) / DUPLICATES) as tmp:
+        groups.to_csv(tmp, index=False)
+    return groups
 
 
 def ondisk_factory(kind: str, n: int, d: int, memory_budget: Optional[int] = None) -> str:
@@ -428,17 +454,19 @@ def open_search(index_dir: PathLike, model: Union[PathLike, Embedder]) -> tuple[
         raise ValueError(f"dim mismatch: index {index_dir} holds {index.dim}-d vectors but model {model} embeds "
                          f"to {embedder.dim}; query it with the model that embedded the collection")
     warnings, model_id = [], embedder.model.fingerprint() if index.model_id else None
-    if model_id != index.model_id:
+    if index.model_id not in (model_id, embedder.model.config.text_space):  # a distilled text tower is at home
         warnings.append(f"index was built from model {index.model_id}, querying with {model_id}")
     return index, embedder, warnings
 
 
 def search_collection(index: SearchIndex, embedder: Embedder, *, text: Optional[str] = None,
                       image: Optional[PathLike] = None, k: int = 10, rerank: int = 0, filter: Any = None,
-                      mmr: Optional[float] = None) -> dict:
-    """One text or image query -> `{"results": [{"id", "score", "image", ...metadata}]}` (the HTTP shape)."""
-    if (text is None) == (image is None):
-        raise ValueError("give exactly one of a text or an image query")
-    q = embedder.texts([text]) if text is not None else embedder.images([image])
+                      mmr: Optional[float] = None, negative: Any = None, image_weight: float = IMAGE_WEIGHT,
+                      dedup: Optional[float] = None) -> dict:
+    """A text and/or image query (`cat -dog`, `negative=`; see `query`) -> `{"results": [{"id", "score", "image",
+    ...metadata}]}` (the HTTP shape); `dedup`: drop near-duplicates of better results at this cosine."""
+    q = query_vector(embedder, parse_query(text, image, negative, image_weight))
     scores, ids = index.search(q, k, rerank=rerank, filter=filter, mmr=mmr)
+    if dedup is not None:
+        scores, ids = drop_near_duplicates(index, scores, ids, dedup)
     return {"results": index.results(scores, ids)[0]}

@@ -18,9 +18,12 @@ class TrainingError(ClipkitError):
 class TrainConfig:
     """Everything a run needs; written to `RUN_DIR/train_config.json` and checked on resume."""
 
-    train_data: str
+    train_data: str  # a pairs table, an image folder, or tar shards (a brace pattern or a folder of *.tar)
     output: str
     val_data: Optional[str] = None
+    train_num_samples: Optional[int] = None  # tar shards: samples per epoch (default: the total of sizes.json)
+    shuffle_buffer: int = 1000  # tar shards: raw samples each loader worker shuffles among
+    allow_pipe: bool = False  # tar shards: accept `pipe:` and remote specs (they run shell commands)
     model: str = "tiny"  # model name (random, or with `pretrained`), hf-hub:org/name, clipkit/HF dir, OpenCLIP file
     pretrained: Optional[str] = None  # weights of a model name: an open_clip tag (laion2b_s34b_b79k) or a file
     arch: Optional[str] = None  # the model name an OpenCLIP file's weights are (open_clip's naming)
@@ -47,7 +50,7 @@ class TrainConfig:
     proj_lr: Optional[float] = None  # lr of the projections and the logit scale/bias (None: lr)
     grad_checkpointing: bool = False
     grad_cache_chunk: Optional[int] = None
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     augment: bool = False
     style_augment: bool = False  # data.augment.StyleAugment: background colour, colour jitter, grey, blur, crops
     cache_images: bool = True

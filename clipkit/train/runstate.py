@@ -1,5 +1,8 @@
 """Training checkpoints that resume bitwise: model, optimizer, scheduler, RNGs, data position and counters.
 
+The data position is the epoch and batch in it, plus, per rank, its stream position (tar shards: each reader
+slot's pass and raw samples taken) and its skip counts, gathered from every rank when a checkpoint is written.
+
 Each checkpoint is a directory `checkpoints/step_XXXXXXXX/` committed atomically (temp dir + rename)
 with a sha256 manifest; everything in it loads with `torch.load(weights_only=True)` or safetensors.
 There is no gradient scaler to save: mixed precision is bf16 autocast, which needs none.
@@ -17,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_model
 
 from ..data.samples import SkipCounter
@@ -39,6 +43,7 @@ class Position:
     batch_in_epoch: int = 0
     nonfinite_total: int = 0
     best: Optional[dict[str, Any]] = None  # {"score", "step", "epoch"} of the best validation so far
+    data: Optional[list[dict[str, Any]]] = None  # per rank: {"stream": data position, "skips": its counts}
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,9 +77,28 @@ def train_state(pos: Position, optimizer: torch.optim.Optimizer, scheduler: Any,
         "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": rng_state(), "skips": skips.to_dict(),
-        "nonfinite_total": pos.nonfinite_total, "best": json.dumps(pos.best),
+        "nonfinite_total": pos.nonfinite_total, "best": json.dumps(pos.best), "data": json.dumps(pos.data),
         "config": json.dumps(config), "fingerprint": fingerprint,
     }
+
+
+def gather_ranks(local: Any, world: int) -> list[Any]:
+    """Every rank's `local` (a JSON-like value), in rank order, on every rank (a collective when world > 1)."""
+    if world == 1:
+        return [local]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, local)
+    return out
+
+
+def data_state(stream: dict[str, Any], skips: SkipCounter, world: int) -> list[dict[str, Any]]:
+    """The data position a checkpoint holds: each rank's stream position and skip counts (a collective)."""
+    return gather_ranks({"stream": stream, "skips": skips.to_dict()}, world)
+
+
+def merged_skips(skips: SkipCounter, world: int) -> SkipCounter:
+    """The skip counts of all ranks together (a collective when world > 1)."""
+    return SkipCounter.merge(gather_ranks(skips.to_dict(), world))
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -158,5 +182,5 @@ def resume(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     pos = Position(state["step"], state["epoch"], state["batch_in_epoch"], state["nonfinite_total"],
-                   json.loads(state["best"]))
+                   json.loads(state["best"]), json.loads(state.get("data", "null")))
     return path, pos, SkipCounter.from_dict(state["skips"])

@@ -1,29 +1,31 @@
 """What a run starts from: the process group, the model and its tokenizer, and the data it trains on.
 
 The data side reads the pairs table, decodes every image once into the run's cache (dropping and counting the
-unreadable ones), wraps the samples so that each is drawn under its own seed, and builds the epoch sampler and,
-for a locked text tower, the caption features computed once.
+unreadable ones), wraps the samples so that each is drawn under its own seed (a bad one replaced by another, so
+every rank's batch is full), and builds the epoch sampler and, for a locked text tower, the caption features
+computed once. Tar shards stream instead (`streamdata`); both give the trainer the same small interface.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ..data.augment import StyleAugment
 from ..data.cache import CachedPairDataset, DecodedCache
-from ..data.samples import PairDataset, SkipCounter
+from ..data.samples import PairDataset, SkipCounter, make_loader
+from ..data.shards import is_streamed
 from ..data.tables import read_pairs
 from ..fileio import atomic_dir, files_fingerprint
-from ..errors import ClipkitError
+from ..errors import ClipkitError, DataError
 from ..formats.auto import load as load_model
 from ..formats.hub import is_pretrained_name
 from ..formats.pretrained import create_model_and_tokenizer
@@ -34,6 +36,7 @@ from ..model.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from ..model.transforms import Preprocess
 from .config import TrainConfig, TrainingError
 from .losses import world_info
+from .streamdata import ShardSource, StreamData, open_shards
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -113,6 +116,23 @@ def read_run_table(spec: str, cfg: TrainConfig) -> pd.DataFrame:
     return read_pairs(spec, image_column=cfg.image_column, caption_column=cfg.caption_column).reset_index(drop=True)
 
 
+Source = Union[pd.DataFrame, ShardSource]
+
+
+def open_source(cfg: TrainConfig) -> Source:
+    """The run's training data: tar shards (streamed) or a pairs table / image folder (read whole)."""
+    if is_streamed(cfg.train_data):
+        return open_shards(cfg)
+    if cfg.train_num_samples is not None or cfg.allow_pipe:
+        raise TrainingError("train_num_samples and allow_pipe are for tar shards; an epoch of a table is its rows")
+    return read_run_table(cfg.train_data, cfg)
+
+
+def source_captions(source: Source) -> Sequence[str]:
+    """The captions a caption tokenizer learns from (for shards: the first ones, read only if needed)."""
+    return source.captions if isinstance(source, ShardSource) else source["caption"].tolist()
+
+
 def data_fingerprint(table: pd.DataFrame) -> str:
     """Image files (path, size, mtime) and captions: a resume on other data is refused."""
     return files_fingerprint(table["image"].astype(str), extra=table["caption"].astype(str).tolist())[:16]
@@ -149,7 +169,14 @@ class EpochSampler(Sampler[int]):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset so sample `key = epoch * n + i` is drawn under its own RNG seed (exact resume)."""
+    """Wraps a dataset so sample `key = epoch * n + i` is drawn under its own RNG seed (exact resume).
+
+    A sample that cannot be read is replaced by a row drawn under the same seed (another one if that fails
+    too, up to `MAX_REPLACEMENTS`): the item then carries the skip records it replaced, to be counted. Every
+    rank's batch stays full, as the all-gather of the loss and its `rank * B` labels need.
+    """
+
+    MAX_REPLACEMENTS = 32
 
     def __init__(self, dataset: Dataset, n: int, seed: int) -> None:
         self.dataset, self.n, self.seed = dataset, n, seed
@@ -160,27 +187,61 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: int) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + key)
-            item = self.dataset[key % self.n]
-        item["index"] = key % self.n
+            row = key % self.n
+            item, replaced = self.dataset[row], []
+            while "pixels" not in item:
+                if len(replaced) == self.MAX_REPLACEMENTS:
+                    raise DataError(f"{len(replaced)} samples in a row could not be read (last: {item['skip']})")
+                replaced.append({**item, "index": row})
+                row = int(torch.randint(self.n, ()))
+                item = self.dataset[row]
+        item["index"] = row
+        if replaced:
+            item["replaced"] = replaced
         return item
 
 
 @dataclass
 class RunData:
-    """What a run trains on: the usable rows, their seeded samples, the sampler and the locked-text features."""
+    """What a run trains on: the usable rows, their seeded samples, the sampler, its loader and the locked-text
+    features. `StreamData` has the same interface for tar shards."""
 
     table: pd.DataFrame
     dataset: SeededSamples
     sampler: EpochSampler
     text_cache: Optional[torch.Tensor]  # [N, W] pooled caption features of a locked text tower
     fingerprint: str
+    loader: DataLoader
+    counts_skips_per_batch: bool  # without the decoded cache, unreadable images are met (and counted) as they come
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` from `start_batch` on."""
+        self.sampler.set_epoch(epoch, start_batch)
+        return iter(self.loader)
+
+    def position(self) -> dict[str, Any]:
+        return {"kind": "table"}  # the epoch and batch in it say it all
+
+    def restore(self, state: Optional[dict[str, Any]], ignore_config: bool = False) -> None:
+        if state is not None and state.get("kind") != "table" and not ignore_config:
+            raise TrainingError("the checkpoint was written by a run on tar shards, this one reads a table")
+
+    def close(self) -> None:
+        pass
 
 
-def build_data(cfg: TrainConfig, table: pd.DataFrame, model: CLIPModel, tokenizer: Tokenizer, skips: SkipCounter,
-               out: Path, rank: int, world: int) -> RunData:
+def build_data(cfg: TrainConfig, source: Source, model: CLIPModel, tokenizer: Tokenizer, skips: SkipCounter,
+               out: Path, rank: int, world: int) -> Union[RunData, StreamData]:
     """The run's data; with the decoded cache, unreadable rows are counted in `skips` and dropped here (every
-    rank then has full batches), without it they are counted per batch as they come."""
+    rank then has full batches), without it they are replaced and counted per batch as they come."""
     pcfg = model.config.preprocess
+    if isinstance(source, ShardSource):
+        return StreamData(cfg, source, pcfg, tokenizer, rank, world)
+    table = source
     if cfg.cache_images:
         cache = decoded_cache(table, pcfg, out / "image_cache", rank, world, cfg.progress)
         table = drop_unreadable(table, cache, skips, cfg.max_bad_fraction)
@@ -194,7 +255,10 @@ def build_data(cfg: TrainConfig, table: pd.DataFrame, model: CLIPModel, tokenize
     text_cache = None
     if "text" in model.locked:  # frozen whole and in eval mode: each caption's features never change
         text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0)
-    return RunData(table, SeededSamples(ds, len(table), cfg.seed), sampler, text_cache, data_fingerprint(table))
+    dataset = SeededSamples(ds, len(table), cfg.seed)
+    loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True,
+                         sampler=sampler)
+    return RunData(table, dataset, sampler, text_cache, data_fingerprint(table), loader, not cfg.cache_images)
 
 
 def decoded_cache(table: pd.DataFrame, pcfg: PreprocessConfig, path: Path, rank: int, world: int,

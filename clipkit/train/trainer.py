@@ -18,17 +18,18 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.samples import SkipCounter, make_loader
+from ..data.samples import SkipCounter
 from ..fileio import write_json_atomic
 from ..formats.native import save as save_model_dir
 from ..model.clip import CLIPModel
 from ..model.groups import image_groups, text_groups, with_prefix
+from ..model.precision import autocast, training_precision
 from . import runstate
 from .config import TrainConfig, TrainingError, config_dict
 from .losses import create_loss, grad_cache_step
 from .runlog import RunLog
 from .runstate import Position, SaveHook
-from .setup import build_data, build_model, init_distributed, read_run_table
+from .setup import build_data, build_model, init_distributed, open_source, read_run_table, source_captions
 from .validation import evaluate_model, validation_score, wise_ft_sweep
 
 log = logging.getLogger("clipkit.train")
@@ -104,18 +105,16 @@ class Trainer:
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
-        table = read_run_table(cfg.train_data, cfg)
+        source = open_source(cfg)  # a pairs table, or tar shards that stream
         self.val_table = read_run_table(cfg.val_data, cfg) if cfg.val_data else None
-        model, self.tokenizer = build_model(cfg, table["caption"].tolist(), self.out, self.rank)
+        model, self.tokenizer = build_model(cfg, source_captions(source), self.out, self.rank)
         self.model = model.to(self.device).train()
         self.initial_state = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
                               if cfg.wise_ft is not None else None)
         self.skips = SkipCounter()
-        self.counts_skips_per_batch = not cfg.cache_images  # the decoded cache counts and drops them up front
-        self.data = build_data(cfg, table, self.model, self.tokenizer, self.skips, self.out, self.rank, self.world)
-        self.loader = make_loader(self.data.dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                                  drop_last=True, sampler=self.data.sampler, pin_memory=self.device.type == "cuda")
-        self.total_steps = cfg.max_steps or cfg.epochs * self.data.sampler.batches_per_epoch
+        self.data = build_data(cfg, source, self.model, self.tokenizer, self.skips, self.out, self.rank, self.world)
+        self.counts_skips_per_batch = self.data.counts_skips_per_batch  # the decoded cache counts them up front
+        self.total_steps = cfg.max_steps or cfg.epochs * self.data.batches_per_epoch
         self._build_optimizer()
         self.loss_fn = create_loss(cfg.loss, **({"label_smoothing": cfg.label_smoothing} if cfg.loss == "clip" else {}))
         self.ddp = self._wrap_ddp()
@@ -159,13 +158,13 @@ class Trainer:
         while not done:
             done = self._run_epoch(meter)
         meter.bar.close()
+        self.data.close()
         return self._finish()
 
     def _run_epoch(self, meter: _Meter) -> bool:
         """Train from the current position to the end of its epoch and validate there; True once the run has
         taken `total_steps` steps (then it stops where it is, mid-epoch or not)."""
-        self.data.sampler.set_epoch(self.pos.epoch, self.pos.batch_in_epoch)
-        for batch in self.loader:
+        for batch in self.data.batches(self.pos.epoch, self.pos.batch_in_epoch):
             self._step(batch, meter)
             if self.pos.step >= self.total_steps:
                 return True
@@ -187,14 +186,13 @@ class Trainer:
             self.on_step(pos.step)
 
     def _autocast(self) -> Any:
-        use_bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        return autocast(training_precision(self.cfg.precision, self.device), self.device)  # auto: the hardware's pick
 
     def _train_step(self, batch: dict[str, Any]) -> Optional[float]:
         if self.counts_skips_per_batch:
             self.skips.update(batch)
             self.skips.check(self.cfg.max_bad_fraction)
-        if len(batch["index"]) < 2:
+        if len(batch["index"]) * self.world < 2:  # every rank's batch has the same size: all return or none
             return None
         pixels = batch["pixels"].to(self.device, non_blocking=True)
         tokens = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
@@ -261,6 +259,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save(self) -> None:
+        self.pos.data = runstate.data_state(self.data.position(), self.skips, self.world)  # every rank's
         if self.rank == 0:
             state = runstate.train_state(self.pos, self.optimizer, self.scheduler, self.skips, self.config,
                                          self.data.fingerprint)
@@ -275,6 +274,10 @@ class Trainer:
                                 self.data.fingerprint, ignore_config=self.cfg.resume_ignore_config)
         if found is not None:
             path, self.pos, self.skips = found
+            mine = self.pos.data[self.rank] if self.pos.data else None  # this rank's stream position and skips
+            if mine is not None:
+                self.skips = SkipCounter.from_dict(mine["skips"])
+            self.data.restore(mine["stream"] if mine else None, self.cfg.resume_ignore_config)
             if self.rank == 0:
                 log.info("resumed from step %d (%s)", self.pos.step, path)
 
@@ -300,7 +303,8 @@ class Trainer:
         log.info("epoch %d val: %s", pos.epoch, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
     def _finish(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {"steps": self.pos.step, "skipped": self.skips.to_dict(),
+        skips = runstate.merged_skips(self.skips, self.world)  # every rank's
+        summary: dict[str, Any] = {"steps": self.pos.step, "skipped": skips.to_dict(),
                                    "nonfinite_steps": self.pos.nonfinite_total}
         if self.last_val["step"] != self.pos.step:  # the run ended inside an epoch or right at its end
             self._validate()
@@ -312,8 +316,8 @@ class Trainer:
                 summary["wise_ft"] = self._wise_ft()
             summary["best"] = self.pos.best
             summary["val"] = self.last_val
-            if self.skips.skipped:
-                log.warning("%s", self.skips.summary())
+            if skips.skipped:
+                log.warning("%s", skips.summary())
             plot_losses(self.out)
             write_json_atomic(self.out / "summary.json", summary)
         if self.world > 1:
