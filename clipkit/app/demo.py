@@ -58,7 +58,7 @@ def metric_key(scope: str, group: str, name: str) -> str:
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults are the README's run (under 10 minutes on 2 CPU cores)."""
+    """Knobs of the demo; the defaults are the README's run (about 18 minutes on 2 CPU cores, see its Results)."""
 
     out: str = "demo"
     seed: int = 0
