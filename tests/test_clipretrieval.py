@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from clipkit.cli import main
-from test_service import LEAKS, XSS, _readline, assert_error, build_data, png_bytes
+from test_service import LEAKS, XSS, _readline, assert_error, build_data, png_bytes, stop_server
 
 KEY = "clip-key-0123456789"
 
@@ -64,15 +64,6 @@ def start_cli_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]
     raise AssertionError("server never became healthy")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 def add_copies(data: SimpleNamespace, copies: dict[int, int]) -> None:
     """Rebuild data's index with exact copies of some images (new row -> copied row), so `deduplicate` acts."""
     import pandas as pd
@@ -104,7 +95,7 @@ def site(tmp_path_factory, saved_tiny_dir):
                                  root / "server.log")
     yield SimpleNamespace(url=url, data=data, small=small, model=saved_tiny_dir, log=root / "server.log",
                           authed=url.replace("http://", f"http://clip:{KEY}@"))
-    stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

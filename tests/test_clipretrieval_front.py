@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, sync_api
-from test_clipretrieval import start_cli_server, stop
+from test_clipretrieval import start_cli_server
+from test_service import stop_server
 from test_service import build_data
 
 SCREENSHOT = Path("/tmp/clipkit_clip_front.png")
@@ -53,7 +54,7 @@ def front(tmp_path_factory, saved_tiny_dir):
                                        "--allow-origin", front_url], root / "server.log")
     (site / "config.json").write_text(json.dumps({"defaultBackend": back_url, "defaultIndex": "emoji"}))
     yield front_url, back_url, data
-    stop(proc)
+    stop_server(proc)
     httpd.shutdown()
 
 
