@@ -115,12 +115,16 @@ def test_rerun_skips_finished_chunks_and_redoes_missing_ones(tmp_path, folder, e
     assert (out / "emb-00000.npy").stat().st_mtime_ns == stamps["emb-00000.npy"]
 
 
-def test_changed_settings_are_refused(tmp_path, folder, embedder):
+def test_changed_settings_are_refused(tmp_path, folder, embedder, saved_tiny_dir):
     embed(embedder, folder, tmp_path / "e", shard=(0, 3))
     with pytest.raises(DataError, match="dtype: 'float16' -> 'float32'"):
         embed(embedder, folder, tmp_path / "e", dtype="float32")
     with pytest.raises(DataError, match="shard_size"):
         embed(embedder, folder, tmp_path / "e", shard_size=5)
+    other = clipkit.Embedder(saved_tiny_dir, device="cpu", progress=False,
+                             precision="int8" if embedder.precision.image != "int8" else "fp32")
+    with pytest.raises(DataError, match="precision: 'image "):  # chunks at two precisions would not compare
+        embed(other, folder, tmp_path / "e", shard=(1, 3))
     with pytest.raises(ValueError, match="shard"):
         embed(embedder, folder, tmp_path / "e", shard=(3, 3))
 

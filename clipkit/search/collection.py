@@ -42,7 +42,8 @@ FORMAT_VERSION = 2  # 2: the image columns are `image` / `image_rel`, as in pair
 INFO = "collection.json"
 DUPLICATES = "duplicates.csv"  # written by `collection_duplicates` (`clipkit embed --dedup`)
 ADDED_COLUMNS = ("id", "ok", "error")  # what the collection adds to the source's columns
-MUST_MATCH = ("format_version", "model_id", "dim", "dtype", "count", "shard_size", "captions", "source_hash")
+MUST_MATCH = ("format_version", "model_id", "precision", "dim", "dtype", "count", "shard_size", "captions",
+              "source_hash")  # a resume with other values would mix chunks that are not comparable
 
 
 @dataclass
@@ -125,7 +126,9 @@ def _check_info(out: Path, info: dict) -> None:
 
 def _collection_info(table: pd.DataFrame, embedder: Embedder, source: PathLike, shard_size: int, dtype: str,
                      captions: bool) -> dict:
-    return {"format_version": FORMAT_VERSION, "model_id": embedder.model.fingerprint(), "dim": embedder.dim,
+    precision = f"image {embedder.precision.image}, text {embedder.precision.text}"  # auto resolved: per machine
+    return {"format_version": FORMAT_VERSION, "model_id": embedder.model.fingerprint(), "precision": precision,
+            "dim": embedder.dim,
             "dtype": dtype, "count": len(table), "shard_size": shard_size, "chunks": -(-len(table) // shard_size),
             "captions": captions, "source": str(Path(source).absolute()),
             "source_hash": files_fingerprint(table["image"].astype(str))[:16]}
