@@ -284,10 +284,11 @@ class MemoEmbedder:
     """An Embedder that embeds each image path and each text once: the demo's evaluations ask for the same
     images and captions many times over. Everything else is the wrapped Embedder's."""
 
-    def __init__(self, embedder: Embedder) -> None:
+    def __init__(self, embedder: Embedder, same_images: Optional["MemoEmbedder"] = None) -> None:
         self.embedder = embedder
         self.failures: list[tuple[int, Exception]] = []
-        self._images: dict[str, Any] = {}  # path -> embedding, or the load error
+        # path -> embedding, or the load error; shared with `same_images` (a model with the same image tower)
+        self._images: dict[str, Any] = same_images._images if same_images is not None else {}
         self._texts: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -322,7 +323,7 @@ def _evaluate(state: DemoState) -> None:
     emb = state.embedder = state.queries = MemoEmbedder(Embedder(state.out / "model", progress=False))
     m.update(evaluate_scopes(emb, state.tables, state.templates))
     if (state.out / MULTILINGUAL).exists():
-        state.queries = MemoEmbedder(Embedder(state.out / MULTILINGUAL, progress=False))
+        state.queries = MemoEmbedder(Embedder(state.out / MULTILINGUAL, progress=False), same_images=emb)
         m.update(evaluate_queries(state.queries, state.tables, "multilingual_"))
     train, test = (state.tables[s].drop_duplicates("image") for s in ("train", "test"))
     probe = eval_linear_probe(emb, train, test, shots=cfg.shots, seeds=cfg.few_shot_seeds, templates=state.templates)
