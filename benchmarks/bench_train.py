@@ -86,14 +86,15 @@ def n_params(model: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with no decay on 1-d parameters (biases, norms, scales) and embeddings, for either library's model
-    (clipkit's `param_groups` now needs a clipkit model: its layer groups)."""
+    (clipkit's `param_groups` now needs a clipkit model: its layer groups); `fused`: as clipkit's Trainer runs it,
+    open_clip's training script uses torch's default (foreach)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in params if p.ndim < 2 or "embed" in n or "token" in n]
     decay = [p for n, p in params if not (p.ndim < 2 or "embed" in n or "token" in n)]
     groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=fused or None)
 
 
 def precision_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -133,7 +134,10 @@ def build_runner(kind: str, batch: int, device: torch.device, precision: str, ch
                 return finish(loss_fn(img, txt, scale), opt)
 
         return Runner(kind, batch, n_params(model), opt, step)
-    return _clipkit_runner(kind, batch, device, pixels, amp, chunk)
+    from clipkit.model.precision import training_autocast
+
+    clipkit_amp = lambda: training_autocast(precision, device)  # noqa: E731 -- what clipkit's Trainer runs under
+    return _clipkit_runner(kind, batch, device, pixels, clipkit_amp, chunk)
 
 
 def _clipkit_runner(kind: str, batch: int, device: torch.device, pixels: torch.Tensor,
@@ -150,7 +154,7 @@ def _clipkit_runner(kind: str, batch: int, device: torch.device, pixels: torch.T
         model.lock_text_tower()
         with torch.no_grad():
             pooled = model.text_pooled(tokens)  # [B, 384], what the Trainer caches once per caption
-    opt = adamw(model)
+    opt = adamw(model, fused=True)
 
     def step() -> float:
         with amp():
@@ -217,9 +221,14 @@ def tower_runners(batch: int, device: torch.device, precision: str) -> list[Runn
     ck, oc = clipkit.create_model("tiny").to(device).train(), open_clip_tiny().to(device).train()
     pixels, tokens = make_pixels(batch, SEED).to(device), {k: v.to(device) for k, v in make_tokens(batch, VOCAB, SEED).items()}
 
+    from clipkit.model.precision import training_autocast
+
     def fwd_bwd(model: torch.nn.Module, encode: Callable[[Any], torch.Tensor], x: Any) -> Callable[[], None]:
+        amp = training_autocast if model is ck else precision_ctx  # each library's training autocast
+        args = (precision, device) if model is ck else (device, precision)
+
         def step() -> None:
-            with precision_ctx(device, precision):
+            with amp(*args):
                 encode(x).sum().backward()  # [B, D] -> scalar
             model.zero_grad(set_to_none=True)
         return step
@@ -240,7 +249,8 @@ def attention_note() -> str:
 
     m = clipkit.create_model("tiny")
     fused = all(getattr(b.attn, "fused_attn", False) for b in m.visual.blocks)
-    return (f"clipkit: timm Attention fused_attn={fused} (one qkv Linear -> F.scaled_dot_product_attention), "
+    return (f"clipkit: timm Attention fused_attn={fused} (one qkv Linear -> F.scaled_dot_product_attention; "
+            "SDPA's math backend in CPU bf16 training), "
             f"transformers attn_implementation={m.text.config._attn_implementation!r}; "
             "open_clip: torch.nn.MultiheadAttention (packed in_proj, SDPA inside, batch_first)")
 

@@ -360,3 +360,14 @@ def test_pipe_spec_runs_only_when_allowed(tmp_path: Path) -> None:
         TarShardDataset(str(tmp_path / "missing-{0..1}.tar"), PRE, TOK)
     assert isinstance(pair_dataset(tmp_path / "a.tar", PRE, TOK), TarShardDataset)
     assert expand_shards([tmp_path / "a.tar"]) == [str(tmp_path / "a.tar")]
+
+
+def test_seeded_cpu_rng_draws_as_manual_seed_and_restores_the_state() -> None:
+    from clipkit.data.samples import seeded_cpu_rng
+
+    torch.manual_seed(123)
+    want = torch.rand(5)
+    before = torch.get_rng_state()
+    with seeded_cpu_rng(123):
+        got = torch.rand(5)
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), before)

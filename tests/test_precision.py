@@ -140,3 +140,20 @@ def test_cli_precision_flag_reaches_the_embedder(tmp_path, saved_tiny_dir, monke
     assert seen == ["fp32", "int8"]
     with pytest.raises(SystemExit):
         cli.main(["score", "--model", str(saved_tiny_dir), "--pairs", str(tmp_path / "p.csv"), "--precision", "fp64"])
+
+
+def test_cpu_bf16_training_runs_attention_on_the_math_backend() -> None:
+    """CPU bf16 training autocasts and turns SDPA's flash kernel off (its bf16 backward is slow on CPU); fp32 and
+    CUDA keep it; the flag comes back afterwards."""
+    with P.training_autocast("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+    with P.training_autocast("fp32", "cpu"):
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+    q = torch.randn(2, 3, 9, 16, requires_grad=True)
+    with P.training_autocast("bf16", "cpu"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    out.float().sum().backward()
+    reference = torch.nn.functional.scaled_dot_product_attention(*(q.detach(),) * 3)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), reference, atol=0.05)

@@ -155,7 +155,7 @@ class CachedPairDataset(Dataset):
     """PairDataset's samples, read from a DecodedCache: uint8 -> normalised float, plus a random crop in train,
     or `style`'s whole augmentation (background, colour, grey-scale, blur, crop) when it is given."""
 
-    def __init__(self, table: pd.DataFrame, cache: DecodedCache, tokenizer: Tokenizer, cfg: PreprocessConfig,
+    def __init__(self, table: pd.DataFrame, cache: DecodedCache, tokenizer: Optional[Tokenizer], cfg: PreprocessConfig,
                  train: bool = False, style: Optional[StyleAugment] = None) -> None:
         if _geometry(cfg) != _geometry(cache.cfg):
             raise DataError(f"{cache.path}: cache built for {_geometry(cache.cfg)}, not {_geometry(cfg)}; rebuild")

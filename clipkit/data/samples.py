@@ -7,9 +7,10 @@ main process counts them (exact across DataLoader workers) with a `SkipCounter`.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -25,14 +26,26 @@ Sample = dict[str, Any]
 MIN_SEEN_FOR_CHECK = 50
 _TENSOR_KEYS = ("pixels", "input_ids", "attention_mask", "index")
 
-def make_sample(pixels: torch.Tensor, caption: str, tokenizer: Tokenizer, index: int) -> Sample:
-    """The dataset item for one good pair: pixels [3, S, S] and token ids [L]."""
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Draws inside come from torch's CPU generator seeded with `seed`; its state outside is restored. Per sample:
+    `torch.manual_seed` would also queue a lazy CUDA seed and record a stack trace (~2 ms a call)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def make_sample(pixels: torch.Tensor, caption: str, tokenizer: Optional[Tokenizer], index: int) -> Sample:
+    """The dataset item for one good pair: pixels [3, S, S] and token ids [L]; no tokens without a tokenizer (a
+    locked text tower's cached features stand in for them)."""
+    if tokenizer is None:
+        return {"pixels": pixels, "index": index}
     tokens = tokenizer([caption])
     return {"pixels": pixels, "input_ids": tokens["input_ids"][0], "attention_mask": tokens["attention_mask"][0],
             "index": index}
 
 
-def load_sample(preprocess: Preprocess, tokenizer: Tokenizer, image: ImageSource, caption: str, index: int,
+def load_sample(preprocess: Preprocess, tokenizer: Optional[Tokenizer], image: ImageSource, caption: str, index: int,
                 name: str) -> Sample:
     """Preprocess `image` into a sample, or a `{"skip": (name, reason)}` record if it cannot be read."""
     try:
@@ -47,7 +60,8 @@ def load_sample(preprocess: Preprocess, tokenizer: Tokenizer, image: ImageSource
 class PairDataset(Dataset):
     """Map-style dataset over a pairs table (DataFrame or anything `read_pairs` reads): row i -> a sample."""
 
-    def __init__(self, table: Union[pd.DataFrame, PathLike], preprocess: Preprocess, tokenizer: Tokenizer) -> None:
+    def __init__(self, table: Union[pd.DataFrame, PathLike], preprocess: Preprocess,
+                 tokenizer: Optional[Tokenizer]) -> None:
         table = table if isinstance(table, pd.DataFrame) else read_pairs(table)
         self.table = table
         # Arrow string arrays, not lists of str: forked workers would copy every object on refcount writes
@@ -70,7 +84,8 @@ def collate(batch: Sequence[Sample]) -> dict[str, Any]:
     `index.numel() == 0` (and empty tensors). A streamed batch carries its last item's `stream` position.
     """
     good = [b for b in batch if "pixels" in b]
-    out: dict[str, Any] = (default_collate([{k: b[k] for k in _TENSOR_KEYS} for b in good]) if good else
+    keys = [k for k in _TENSOR_KEYS if k in good[0]] if good else []
+    out: dict[str, Any] = (default_collate([{k: b[k] for k in keys} for b in good]) if good else
                            {k: torch.empty(0, dtype=torch.long if k != "pixels" else torch.float32)
                             for k in _TENSOR_KEYS})
     skips = [b for b in batch if "skip" in b] + [r for b in good for r in b.get("replaced", ())]

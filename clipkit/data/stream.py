@@ -15,12 +15,11 @@ from __future__ import annotations
 import random
 from typing import Iterator, Optional, Sequence
 
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
-from .samples import Sample
+from .samples import Sample, seeded_cpu_rng
 from .shards import TarShardDataset
 
 Position = tuple[int, int]  # (pass, raw samples taken from that pass)
@@ -75,8 +74,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: Sample, slot: int, pass_: int, taken: int) -> Sample:
         if "shard_error" in raw:
             return raw
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, pass_, self.rank * self.workers + slot, taken))
+        with seeded_cpu_rng(_mix(self.seed, pass_, self.rank * self.workers + slot, taken)):
             return self.reader.decode(raw)
 
     def slot_items(self, slot: int) -> Iterator[Sample]:

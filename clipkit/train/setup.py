@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.augment import StyleAugment
 from ..data.cache import CachedPairDataset, DecodedCache
-from ..data.samples import PairDataset, SkipCounter, make_loader
+from ..data.samples import PairDataset, SkipCounter, make_loader, seeded_cpu_rng
 from ..data.shards import is_streamed
 from ..data.tables import read_pairs
 from ..fileio import atomic_dir, files_fingerprint
@@ -185,8 +185,7 @@ class SeededSamples(Dataset):
         return self.n
 
     def __getitem__(self, key: int) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + key)
+        with seeded_cpu_rng(self.seed * 1_000_003 + key):
             row = key % self.n
             item, replaced = self.dataset[row], []
             while "pixels" not in item:
@@ -242,18 +241,20 @@ def build_data(cfg: TrainConfig, source: Source, model: CLIPModel, tokenizer: To
     if isinstance(source, ShardSource):
         return StreamData(cfg, source, pcfg, tokenizer, rank, world)
     table = source
+    locked_text = "text" in model.locked  # frozen whole and in eval mode: each caption's features never change
+    sample_tokenizer = None if locked_text else tokenizer  # cached features stand in for the tokens
     if cfg.cache_images:
         cache = decoded_cache(table, pcfg, out / "image_cache", rank, world, cfg.progress)
         table = drop_unreadable(table, cache, skips, cfg.max_bad_fraction)
         style = StyleAugment(pcfg.image_size) if cfg.style_augment else None
-        ds: Dataset = CachedPairDataset(table, cache, tokenizer, pcfg, train=cfg.augment, style=style)
+        ds: Dataset = CachedPairDataset(table, cache, sample_tokenizer, pcfg, train=cfg.augment, style=style)
     else:
-        ds = PairDataset(table, Preprocess(pcfg, train=cfg.augment), tokenizer)
+        ds = PairDataset(table, Preprocess(pcfg, train=cfg.augment), sample_tokenizer)
     sampler = EpochSampler(len(table), cfg.batch_size, cfg.seed, rank, world)
     if sampler.batches_per_epoch == 0:
         raise TrainingError(f"{len(table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {world})")
     text_cache = None
-    if "text" in model.locked:  # frozen whole and in eval mode: each caption's features never change
+    if locked_text:
         text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0)
     dataset = SeededSamples(ds, len(table), cfg.seed)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True,

@@ -23,7 +23,7 @@ from ..fileio import write_json_atomic
 from ..formats.native import save as save_model_dir
 from ..model.clip import CLIPModel
 from ..model.groups import image_groups, text_groups, with_prefix
-from ..model.precision import autocast, training_precision
+from ..model.precision import training_autocast, training_precision
 from . import runstate
 from .config import TrainConfig, TrainingError, config_dict
 from .losses import create_loss, grad_cache_step
@@ -186,7 +186,7 @@ class Trainer:
             self.on_step(pos.step)
 
     def _autocast(self) -> Any:
-        return autocast(training_precision(self.cfg.precision, self.device), self.device)  # auto: the hardware's pick
+        return training_autocast(training_precision(self.cfg.precision, self.device), self.device)  # auto: the hardware's pick
 
     def _train_step(self, batch: dict[str, Any]) -> Optional[float]:
         if self.counts_skips_per_batch:
@@ -195,7 +195,7 @@ class Trainer:
         if len(batch["index"]) * self.world < 2:  # every rank's batch has the same size: all return or none
             return None
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        tokens = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        tokens = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask") if k in batch}
         text_cache = self.data.text_cache
         pooled = text_cache[batch["index"]].to(self.device) if text_cache is not None else None
         with self._autocast():
