@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .cli_search import add_dedup, add_search, add_serve
+from .cli_search import add_dedup, add_precision, add_search, add_serve, model_arg
 from .errors import ClipkitError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -120,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from .evaluate.runners import score_table
 
-    summary = score_table(_model(args), args.pairs, prompt_column=args.prompt_column, image_column=args.image_column,
+    summary = score_table(model_arg(args), args.pairs, prompt_column=args.prompt_column, image_column=args.image_column,
                           prefix=args.prefix, r_precision_r=args.r_precision, reference_column=args.reference_column,
                           resize_mode=args.resize_mode, json_out=args.json)
     for key, value in summary.items():
@@ -141,9 +141,9 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     options = dict(top=args.top, templates=args.templates, negative_prompt=args.negative_prompt,
                    resize_mode=args.resize_mode, json_out=args.json)
     if args.pairs:
-        results = rerank_pairs(_model(args), args.pairs, sheet_dir=args.sheet, **options)
+        results = rerank_pairs(model_arg(args), args.pairs, sheet_dir=args.sheet, **options)
     elif args.prompt and args.images:
-        results = [rerank_files(_model(args), args.prompt, args.images, sheet=args.sheet, **options)]
+        results = [rerank_files(model_arg(args), args.prompt, args.images, sheet=args.sheet, **options)]
     else:
         raise ValueError("give --prompt with candidate IMAGES, or --pairs TABLE (prompt, image columns)")
     for result in results:
@@ -161,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.kind == "linear-probe" and not args.train:
         raise ValueError("linear-probe needs --train TABLE (the labelled images the probe learns from)")
-    result = run_eval(args.kind, _model(args), args.data, train=args.train, label_column=args.label_column,
+    result = run_eval(args.kind, model_arg(args), args.data, train=args.train, label_column=args.label_column,
                       templates=args.templates, json_out=args.json, plot=args.plot)
     print(result.table())
     for path in (args.json, args.plot):
@@ -199,7 +199,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .search.collection import embed_collection, shard_from_env
 
     shard = args.shard or shard_from_env()
-    model = _model(args, batch_size=args.batch_size, progress=False)
+    model = model_arg(args, batch_size=args.batch_size, progress=False)
     s = embed_collection(model, args.images, args.out, shard=shard, shard_size=args.shard_size,
                          batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
                          captions=not args.no_captions, progress=not args.quiet)
@@ -253,21 +253,6 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="auto (default): the image tower in bf16 where the CPU or GPU multiplies bf16 natively, else "
-                        "fp32; int8: dynamically quantised image tower (CPU)")
-
-
-def _model(args: argparse.Namespace, **embedder_kw: Any) -> Any:
-    """`--model` as given, or an Embedder of it when `--precision` overrides the default."""
-    if getattr(args, "precision", None) is None:
-        return args.model
-    from .embed import Embedder
-
-    return Embedder(args.model, precision=args.precision, **embedder_kw)
-
-
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed a folder or table of images into resumable chunks for search")
     p.add_argument("--model", required=True, help="clipkit/HF model directory or OpenCLIP file")
@@ -283,7 +268,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    help="once the collection is complete, list near-duplicate images in EMB/duplicates.csv "
                         "(default cosine 0.95)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_precision(p)
+    add_precision(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -314,7 +299,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", help="file with one prompt template per line, each containing {}")
     p.add_argument("--json", help="write flat metrics here")
     p.add_argument("--plot", help="retrieval: PNG grid of top results; linear-probe: few-shot curve PNG")
-    _add_precision(p)
+    add_precision(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -433,7 +418,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize-mode", choices=["shortest", "longest", "squash"],
                    help="override preprocessing; longest letterboxes odd sizes and transparent padding")
     p.add_argument("--json", help="write per-pair scores and the summary here")
-    _add_precision(p)
+    add_precision(p)
     p.set_defaults(func=_cmd_score)
 
 
@@ -450,7 +435,7 @@ def _add_rerank(sub: argparse._SubParsersAction) -> None:
                    help="override preprocessing; longest letterboxes odd sizes and transparent padding")
     p.add_argument("--sheet", help="contact sheet PNG (a folder of sheets with --pairs)")
     p.add_argument("--json", help="write the ranking JSON here")
-    _add_precision(p)
+    add_precision(p)
     p.set_defaults(func=_cmd_rerank)
 
 
@@ -497,7 +482,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     fields = set(DistillConfig.__dataclass_fields__)
     s = distill_text(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
-    print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({s['added_tokens']} tokens added); "
+    student = (f"{s['added_tokens']} tokens added" if s["student"] == "extend"
+               else f"fresh text tower, byte-level BPE of {s['vocab']} tokens")
+    print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({student}); "
           f"held-out distance to the teacher {s['held_out_distance_before']:.4f} -> {s['held_out_distance']:.4f}")
     print(f"student model saved to {s['model_dir']}")
     return 0
@@ -513,6 +500,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
     p.add_argument("--english-fraction", type=float, help="share of each batch kept English -> English (default 0.25)")
+    p.add_argument("--student", choices=["extend", "bpe"], help="extend (default): the teacher's text tower, its "
+                   "tokenizer extended; bpe: a fresh tower with a byte-level BPE trained on both columns")
+    p.add_argument("--student-preset", help="bpe: the preset whose CLIP text transformer shape it takes (default tiny)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="training step precision (default auto)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest good checkpoint")

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import ClipkitError
 
@@ -20,7 +20,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     if args.text is None and args.image is None:
         raise ValueError("give --text, --image or both (a combined query)")
-    index, embedder, warnings = open_search(args.index, args.model)
+    index, embedder, warnings = open_search(args.index, model_arg(args))
     for w in warnings:
         print(f"clipkit search: warning: {w}", file=sys.stderr)
     result = search_collection(index, embedder, text=args.text, image=args.image, k=args.k, rerank=args.rerank,
@@ -60,6 +60,21 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="auto (default): the image tower in bf16 where the CPU or GPU multiplies bf16 natively, else "
+                        "fp32; int8: dynamically quantised image tower (CPU)")
+
+
+def model_arg(args: argparse.Namespace, **embedder_kw: Any) -> Any:
+    """`--model` as given, or an Embedder of it when `--precision` overrides the default."""
+    if getattr(args, "precision", None) is None:
+        return args.model
+    from .embed import Embedder
+
+    return Embedder(args.model, precision=args.precision, **embedder_kw)
+
+
 def named_paths(values: list[str], what: str) -> Union[str, dict[str, str]]:
     """`--index DIR` once -> DIR; `--index NAME=DIR` (repeated) -> {NAME: DIR}, in order. An existing folder
     whose name holds '=' is a plain folder."""
@@ -96,7 +111,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     models = _models(args.model, indexes)
     options = {name: value for name, value in (("result_columns", args.result_column),
                                                ("image_roots", args.image_root), ("max_pixels", args.max_pixels),
-                                               ("max_k", args.max_k), ("allow_origins", args.allow_origin))
+                                               ("max_k", args.max_k), ("allow_origins", args.allow_origin),
+                                               ("precision", args.precision))
                if value is not None}
     run_server(indexes, models, host=args.host, port=args.port, api_key=_api_key(args),
                insecure_no_auth=args.insecure_no_auth, knn_images=args.knn_images,
@@ -136,6 +152,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
                    'e.g. \'style == "noto" and year >= 2020\' (parsed, never run as code)')
     p.add_argument("--mmr", type=float, metavar="LAMBDA", help="diversify with maximal marginal relevance (0..1)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} as the HTTP service returns it')
+    add_precision(p)
     p.set_defaults(func=_cmd_search)
 
 
@@ -178,4 +195,5 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "does with an image_path column)")
     p.add_argument("--allow-image-url", action="store_true",
                    help="let /knn-service fetch a client's image_url (public http(s) addresses only; default: refused)")
+    add_precision(p)
     p.set_defaults(func=_cmd_serve)

@@ -23,7 +23,7 @@ class _ReusedEmbedder(clipkit.Embedder):
     """Every CLI call loads its model (2-3 s on this busy box); here each model directory is loaded once."""
 
     def __new__(cls, model, **kw):
-        key = (str(model), kw.get("device"))
+        key = (str(model), kw.get("device"), kw.get("precision"))
         if key not in _LOADED:
             _LOADED[key] = super().__new__(cls)
             clipkit.Embedder.__init__(_LOADED[key], model, **kw)
@@ -118,6 +118,20 @@ def test_search_filter_rerank_mmr(built, capsys):
     assert len(json.loads(capsys.readouterr().out)["results"]) == 3
 
 
+def test_search_precision_reaches_the_model(built, table, capsys):
+    """`--precision int8` quantises the image tower: same top hit as fp32, other scores; a bad value is refused."""
+    scores = {}
+    for precision in ("fp32", "int8"):
+        assert main(search(built, "--image", str(table.parent / "p2.png"), "-k", "4", "--json",
+                           "--precision", precision)) == 0
+        results = json.loads(capsys.readouterr().out)["results"]
+        assert results[0]["id"] == 2
+        scores[precision] = [r["score"] for r in results]
+    assert scores["fp32"] != scores["int8"]
+    with pytest.raises(SystemExit):
+        main(search(built, "--text", "x", "--precision", "fp64"))
+
+
 def test_filter_cannot_run_commands(built, tmp_path, capsys):
     """The old `DataFrame.eval` filter ran this payload (`pd` was in scope); the grammar refuses it."""
     sentinel = tmp_path / "owned"
@@ -184,6 +198,8 @@ def test_serve_hands_its_arguments_to_the_service(monkeypatch):
     base = {"insecure_no_auth": False, "knn_images": False, "allow_image_url": False}
     assert calls == [(("i", "m"), {"host": "127.0.0.1", "port": 0, "api_key": "from-env", **base}),
                      (("i", "m"), {"host": "0.0.0.0", "port": 8000, "api_key": "k", **base})]
+    assert main(["serve", "--index", "i", "--model", "m", "--precision", "int8"]) == 0
+    assert calls[-1][1]["precision"] == "int8"
 
 
 def test_serve_key_from_a_file_and_the_options(monkeypatch, tmp_path, capsys):

@@ -450,6 +450,17 @@ def app(data):
     return create_app(data.index_dir, data.model_dir, max_concurrency=2, allow_origins=("http://ok.example",))
 
 
+def test_app_runs_its_models_at_the_precision_asked(data):
+    from clipkit.app.service import create_app
+
+    assert app_precision(create_app(data.index_dir, data.model_dir)) == clipkit.Embedder(data.model_dir).precision
+    assert app_precision(create_app(data.index_dir, data.model_dir, precision="int8")).image == "int8"
+
+
+def app_precision(app):
+    return app.state.service.embedder.precision
+
+
 def _gather(app, requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
     """Send (method, url, headers) requests to the ASGI app all at once."""
     async def go() -> list[httpx.Response]:

@@ -163,9 +163,9 @@ async def _acquire(sem: Any, timeout: float) -> bool:
         return False
 
 
-def load_embedder(model_dir: str | Path) -> Embedder:
+def load_embedder(model_dir: str | Path, precision: str = "auto") -> Embedder:
     """An Embedder whose tokenizer the search threads may share."""
-    embedder = Embedder(model_dir, progress=False)
+    embedder = Embedder(model_dir, progress=False, precision=precision)
     embedder.tokenizer = _LockedTokenizer(embedder.tokenizer)
     return embedder
 
@@ -319,9 +319,10 @@ def _replace(limits: Limits, **changes: Any) -> Limits:
 
 
 def load_services(index_dir: str | Path | Mapping[str, str | Path], model_dir: str | Path | Mapping[str, str | Path],
-                  limits: Limits, **options: Any) -> dict[str, Service]:
+                  limits: Limits, precision: str = "auto", **options: Any) -> dict[str, Service]:
     """{name: Service}: one index folder (named after it) or {name: folder}; `model_dir` one model for all or
-    {name: model}. A model shared by several indexes is loaded once; the services share one set of limits."""
+    {name: model}, run at `precision`. A model shared by several indexes is loaded once; the services share one
+    set of limits."""
     indexes = dict(index_dir) if isinstance(index_dir, Mapping) else {Path(index_dir).resolve().name: index_dir}
     if not indexes or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", n) for n in indexes):
         raise ValueError(f"index names are 1-64 letters, digits, '.', '_' or '-': {list(indexes)}")
@@ -333,7 +334,7 @@ def load_services(index_dir: str | Path | Mapping[str, str | Path], model_dir: s
     for name, folder in indexes.items():
         key = Path(models[name]).resolve()
         if key not in embedders:
-            embedders[key] = load_embedder(models[name])
+            embedders[key] = load_embedder(models[name], precision)
         services[name] = Service(folder, models[name], limits, name=name, embedder=embedders[key],
                                  share=next(iter(services.values()), None), **options)
     return services
@@ -343,13 +344,14 @@ def create_app(index_dir: str | Path | Mapping[str, str | Path], model_dir: str 
                api_key: str | None = None, allowed_hosts: Iterable[str] | None = None,
                allow_origins: Iterable[str] = (), result_columns: Iterable[str] | None = None,
                image_roots: Iterable[str] | None = None, knn_images: bool = False, allow_image_url: bool = False,
-               **limits: Any) -> FastAPI:
+               precision: str = "auto", **limits: Any) -> FastAPI:
     """The search app. Loads the models and the indexes now; any load error raises here (IndexLoadError,
     CheckpointError). `index_dir`: one folder, or {name: folder} to serve several (`model_dir`: one model,
     or {name: model}). `allowed_hosts=None` accepts loopback names only; `("*",)` accepts any Host.
     `result_columns`: the metadata columns results carry (default: all but the file paths);
     `image_roots`: folders thumbnails may come from (default: the folder holding all indexed images);
-    `knn_images`, `allow_image_url`: the clip-retrieval API's `KnnOptions`; `limits`: fields of `Limits`."""
+    `knn_images`, `allow_image_url`: the clip-retrieval API's `KnnOptions`; `precision`: the models' (`Embedder`'s);
+    `limits`: fields of `Limits`."""
     limits_ = Limits(**{k: tuple(v) if k == "allowed_formats" else v for k, v in limits.items()})
     limits_.check()
     if api_key is not None and not api_key:
@@ -357,7 +359,8 @@ def create_app(index_dir: str | Path | Mapping[str, str | Path], model_dir: str 
     hosts = frozenset(h.lower() for h in (LOOPBACK_NAMES if allowed_hosts is None else allowed_hosts))
     page = {p: ((STATIC / f).read_bytes(), t) for p, (f, t) in ASSETS.items()}
     index_html = (STATIC / "index.html").read_bytes()
-    services = load_services(index_dir, model_dir, limits_, result_columns=result_columns, image_roots=image_roots)
+    services = load_services(index_dir, model_dir, limits_, precision, result_columns=result_columns,
+                             image_roots=image_roots)
     app = FastAPI(title="clipkit search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.services = services
     app.state.service = next(iter(services.values()))  # the default index
@@ -549,7 +552,7 @@ def run_server(index_dir: str | Path, model_dir: str | Path, *, host: str = "127
     a free port. Load errors raise before the port is bound. A non-loopback `host` needs `api_key` (or
     `insecure_no_auth=True`) and then accepts any Host unless `allowed_hosts` is given. `options` go to
     `create_app` (`Limits` fields, result_columns, image_roots, allowed_hosts, allow_origins, knn_images,
-    allow_image_url);
+    allow_image_url, precision);
     `index_dir` / `model_dir` may be {name: folder} mappings to serve several indexes."""
     import uvicorn
 
