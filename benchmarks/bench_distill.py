@@ -5,6 +5,7 @@ of the demo's short Korean queries over every image. One JSON line per run is ap
     clipkit data emoji --out emoji && clipkit train ... --output runs/emoji       # or a demo's data/ and model/
     python benchmarks/bench_distill.py --data emoji --model runs/emoji/best_model --out /tmp/d --steps 300
     python benchmarks/bench_distill.py ... --with-test-names      # the test emoji's names in, labelled as such
+    python benchmarks/bench_distill.py ... --student bpe --lr 1e-3  # a fresh text tower with a byte-level BPE
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--student", choices=["extend", "bpe"], default="extend")
+    ap.add_argument("--english-fraction", type=float, default=0.25)
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
     ap.add_argument("--skip-teacher", action="store_true")
     ap.add_argument("--log", type=Path, default=Path("distill.jsonl"))
@@ -61,16 +64,19 @@ def main() -> None:
     tables = read_splits(args.data)
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
     pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude)
-    record = {"steps": args.steps, "lr": args.lr, "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names,
+    record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
+              "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)
         print("teacher", json.dumps(record["teacher"], ensure_ascii=False), flush=True)
     t0 = time.perf_counter()
     summary = distill_text(DistillConfig(model=args.model, parallel=str(args.out / "pairs.tsv"),
-                                         output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False))
+                                         output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False,
+                                         student=args.student, english_fraction=args.english_fraction))
     record["distill_seconds"] = round(time.perf_counter() - t0, 1)
     record["held_out_distance"] = [summary["held_out_distance_before"], summary["held_out_distance"]]
+    record["tokenizer"] = {"added_tokens": summary["added_tokens"], "vocab": summary["vocab"]}
     record["student"] = evaluate(summary["model_dir"], tables)
     print("student", json.dumps(record["student"], ensure_ascii=False), flush=True)
     with args.log.open("a", encoding="utf-8") as f:

@@ -93,13 +93,45 @@ def _red_square():
     return Image.new("RGB", (20, 20), (220, 20, 20))
 
 
-def test_resume_continues_to_the_same_weights(teacher, pairs, tmp_path):
-    full = Distiller(_cfg(teacher, pairs, tmp_path / "a", steps=10, checkpoint_every=5))
+def test_bpe_student_is_a_fresh_byte_level_tower_that_learns(teacher, pairs, tmp_path):
+    """A fresh CLIP text transformer with a BPE trained on both columns: it learns the held-out pairs, loads with
+    clipkit.load alone, keeps the teacher's image tower and space, and encodes Hangul it never saw, byte by byte."""
+    summary = distill_text(_cfg(teacher, pairs, tmp_path / "run", student="bpe", lr=1e-3))
+    assert summary["student"] == "bpe" and summary["added_tokens"] == 0
+    assert summary["held_out_distance"] < 0.8 * summary["held_out_distance_before"]
+    student, pre, tok = clipkit.load(tmp_path / "run" / "model")
+    teach, _, teach_tok = clipkit.load(teacher)
+    assert student.config.text.hf_config["model_type"] == "clip_text_model" and tok.vocab_size == summary["vocab"]
+    assert student.config.text_space == teach.fingerprint() and tok.vocab_size != teach_tok.vocab_size
+    x = pre(clipkit.load_image(_red_square()))[None]
+    with torch.no_grad():
+        assert torch.equal(student.encode_image(x), teach.encode_image(x))
+    seen = set("".join(pd.read_csv(pairs, sep="\t", keep_default_na=False)["text"]))
+    unseen = "".join(c for c in "뷁꿿뀱쀍" if c not in seen)
+    assert unseen and "뷁" not in seen
+    ids = tok([unseen])["input_ids"][0]
+    assert tok.hf.unk_token_id is None or tok.hf.unk_token_id not in ids.tolist()
+    assert tok.hf.decode(ids, skip_special_tokens=True).strip() == unseen  # every byte kept: nothing is unknown
+    with torch.no_grad():
+        assert torch.isfinite(student.encode_text(tok([unseen, "고양이"]))).all()
+
+
+def test_unknown_student_is_refused(teacher, pairs, tmp_path):
+    with pytest.raises(clipkit.errors.ClipkitError, match="student must be one of"):
+        _cfg(teacher, pairs, tmp_path, student="fresh")
+    with pytest.raises(clipkit.errors.ClipkitError, match="no fresh CLIP text transformer"):
+        distill_text(_cfg(teacher, pairs, tmp_path / "r", student="bpe", student_preset="tiny-minilm", steps=1))
+
+
+@pytest.mark.parametrize("student", ["extend", "bpe"])
+def test_resume_continues_to_the_same_weights(teacher, pairs, tmp_path, student):
+    full = Distiller(_cfg(teacher, pairs, tmp_path / "a", steps=10, checkpoint_every=5, student=student))
     full.fit()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000010")
     shutil.rmtree(tmp_path / "b" / "model")
-    resumed = Distiller(_cfg(teacher, pairs, tmp_path / "b", steps=10, checkpoint_every=5, resume=True))
+    resumed = Distiller(_cfg(teacher, pairs, tmp_path / "b", steps=10, checkpoint_every=5, resume=True,
+                             student=student))
     assert resumed.step == 5
     resumed.fit()
     a, b = full.student.state_dict(), resumed.student.state_dict()
@@ -110,6 +142,10 @@ def test_cli_distill_text(teacher, pairs, tmp_path, capsys):
     assert main(["distill-text", "--model", str(teacher), "--parallel", str(pairs), "--out", str(tmp_path / "r"),
                  "--steps", "3", "--batch-size", "8", "--quiet"]) == 0
     assert "held-out distance to the teacher" in capsys.readouterr().out
+    assert main(["distill-text", "--model", str(teacher), "--parallel", str(pairs), "--out", str(tmp_path / "b"),
+                 "--steps", "2", "--batch-size", "8", "--student", "bpe", "--quiet"]) == 0
+    assert "fresh text tower, byte-level BPE of" in capsys.readouterr().out
+    assert clipkit.load(tmp_path / "b" / "model")[0].config.text.hf_config["model_type"] == "clip_text_model"
     (tmp_path / "bad.tsv").write_text("english\tkorean\napple\t사과\n", encoding="utf-8")
     assert main(["distill-text", "--model", str(teacher), "--parallel", str(tmp_path / "bad.tsv"),
                  "--out", str(tmp_path / "r2")]) == 2
