@@ -54,8 +54,8 @@ class DistillConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    english_fraction: float = 0.10  # share of each batch that is English -> English (keeps English in place; 0.10
-    # measured better than 0.25 for Korean, English unchanged: benchmarks/RESULTS.md)
+    english_fraction: float = 0.25  # share of each batch that is English -> English (keeps English in place; 0.10
+    # gave Korean +2 points but cost the demo's English R@10 2 points: benchmarks/RESULTS.md)
     held_out: float = 0.05  # share of the pairs kept out of training to measure the distance on
     seed: int = 0
     precision: str = "auto"  # the training step (on CPU): bf16 autocast where the CPU multiplies bf16 natively
