@@ -17,10 +17,9 @@ import contextlib
 import io
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +27,12 @@ from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import machine as train_machine  # noqa: E402  (one machine line for the training benchmarks)
+
 EPOCHS, BATCH, LR, WARMUP, WD, SEED = 1, 64, 5e-4, 50, 0.1, 0
 OPEN_CLIP_MODEL = "clipkit-tiny-minilm"
+FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
 
 
 def subset_csv(data: Path, rows: int, out: Path) -> Path:
@@ -104,7 +107,7 @@ def interleave(runs: dict[str, Callable[[Path], float]], rounds: int, work: Path
 
 
 def table(times: dict[str, list[float]], rows: int, base: str) -> list[str]:
-    lines = ["| run | s min | s median | s max | samples/s (median) | speed-up over it: clipkit (median; min-max) |",
+    lines = ["| run | s min | s median | s max | samples/s (median) | time / clipkit time (median; min-max) |",
              "|---|---|---|---|---|---|"]
     ck = times[base]
     for name, t in times.items():
@@ -117,13 +120,11 @@ def table(times: dict[str, list[float]], rows: int, base: str) -> list[str]:
 
 
 def machine() -> str:
-    flags = ""
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-        found = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text]
-        flags = f"{model}; flags {' '.join(found) or 'none of avx512f/avx512_bf16/amx_bf16'}"
-    return f"{flags}; {os.cpu_count()} CPUs; {platform.python_version()}"
+    """bench_train's machine line (CPU model, cores, torch threads) and the CPU flags `precision="auto"` reads."""
+    from clipkit.model.precision import _proc_cpuinfo_flags
+
+    found = [f for f in FLAGS if f in _proc_cpuinfo_flags()]
+    return f"{train_machine()}; flags {' '.join(found) or 'none of ' + '/'.join(FLAGS)}"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
