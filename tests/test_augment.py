@@ -126,3 +126,17 @@ def test_locked_text_features_are_computed_once_per_caption() -> None:
         each = torch.cat([model.text_pooled(tok([c])) for c in captions])
     assert feats.shape == each.shape and torch.allclose(feats, each, atol=1e-5)
     assert torch.equal(feats[0], feats[2]) and torch.equal(feats[1], feats[4])
+
+
+def test_locked_text_features_follow_the_run_precision() -> None:
+    """In bf16 the cached features are float32 rows close to the fp32 ones, each still at its own caption's row."""
+    import clipkit
+    from clipkit.train.setup import locked_text_features
+
+    model, tok = clipkit.create_model_and_tokenizer("tiny")
+    model.eval()
+    captions = ["a very long caption about a red apple on a table", "cat", "a train at the station", "cat"]
+    fp32 = locked_text_features(model, tok, captions, progress=False)
+    bf16 = locked_text_features(model, tok, captions, progress=False, precision="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert torch.nn.functional.cosine_similarity(bf16, fp32).min() > 0.99

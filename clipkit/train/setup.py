@@ -32,6 +32,7 @@ from ..formats.pretrained import create_model_and_tokenizer
 from ..model.clip import CLIPModel
 from ..model.config import PreprocessConfig
 from ..model.factory import bind_tokenizer, resolve_config, tokenizer_for
+from ..model.precision import autocast, training_precision
 from ..model.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from ..model.transforms import Preprocess
 from .config import TrainConfig, TrainingError
@@ -255,7 +256,9 @@ def build_data(cfg: TrainConfig, source: Source, model: CLIPModel, tokenizer: To
         raise TrainingError(f"{len(table)} usable pairs is fewer than one global batch ({cfg.batch_size} x {world})")
     text_cache = None
     if locked_text:
-        text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0)
+        precision = training_precision(cfg.precision, model.logit_scale.device)
+        text_cache = locked_text_features(model, tokenizer, table["caption"].tolist(), cfg.progress and rank == 0,
+                                          precision)
     dataset = SeededSamples(ds, len(table), cfg.seed)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True,
                          sampler=sampler)
@@ -285,11 +288,17 @@ def drop_unreadable(table: pd.DataFrame, cache: DecodedCache, skips: SkipCounter
 
 
 @torch.no_grad()
-def locked_text_features(model: CLIPModel, tokenizer: Tokenizer, captions: list[str], progress: bool) -> torch.Tensor:
-    """Pooled features of every caption through the locked text tower, computed once per distinct caption: `[N, W]`."""
-    unique = list(dict.fromkeys(captions))  # many rows share a caption (one emoji in several art styles)
+def locked_text_features(model: CLIPModel, tokenizer: Tokenizer, captions: list[str], progress: bool,
+                         precision: str = "fp32") -> torch.Tensor:
+    """Pooled features of every caption through the locked text tower, computed once per distinct caption: `[N, W]`.
+
+    Captions go through in batches of similar length (each batch is cut at its longest), under the run's training
+    precision: the demo's 8,538 distinct captions took 59 s in fp32 in table order, 40 s sorted, 21 s sorted in bf16."""
+    unique = sorted(dict.fromkeys(captions), key=len)  # many rows share a caption (one emoji in several art styles)
+    device = model.logit_scale.device
     chunks = []
-    for i in tqdm(range(0, len(unique), 256), desc="locked text tower", disable=not progress):
-        chunks.append(model.text_pooled(tokenizer(unique[i: i + 256])).float().cpu())
+    with autocast(precision, device):
+        for i in tqdm(range(0, len(unique), 256), desc="locked text tower", disable=not progress):
+            chunks.append(model.text_pooled(tokenizer(unique[i: i + 256])).float().cpu())
     row = {c: i for i, c in enumerate(unique)}
     return torch.cat(chunks)[torch.tensor([row[c] for c in captions], dtype=torch.long)]
