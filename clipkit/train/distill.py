@@ -172,7 +172,8 @@ class Distiller:
         english = sorted(set(self.train_pairs["en"]) | set(self.val_pairs["en"]))
         self.target_row = {s: i for i, s in enumerate(english)}
         self.targets = embed_texts(teacher, tok, english)  # [E, D]: where the teacher puts each English sentence
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay, cfg.lr), lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay, cfg.lr), lr=cfg.lr,
+                                           fused=True)  # one kernel: the per-tensor loop took 0.18 s of a 0.7 s step
         self.scheduler = cosine_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
         self.step = 0
         self.config = json.loads(json.dumps(dataclasses.asdict(cfg)))
