@@ -120,7 +120,7 @@ class Embedder:
                     pending = self._submit(items, start + self.batch_size, pool)  # decode ahead of the model
                     idx, pixels = self._collect(start, loaded, on_error, failures)
                     if idx:
-                        out[idx] = self.pixels(torch.stack(pixels))
+                        out[idx] = self.pixels(self.preprocess.normalize(torch.stack(pixels).to(self.device)))
                     bar.update(len(loaded))
         finally:
             if pool is not None:
@@ -134,9 +134,10 @@ class Embedder:
             return self.encoder.encode_image(batch.to(self.device)).float().cpu().numpy()
 
     def _load(self, item: ImageLike) -> Union[torch.Tensor, ImageLoadError]:
-        """Preprocess one item; a classified load failure is returned (it belongs to the caller's record)."""
+        """One item decoded and resized to uint8 pixels (normalised per batch); a classified load failure is
+        returned (it belongs to the caller's record)."""
         try:
-            return self.preprocess(item)
+            return self.preprocess.uint8(item)
         except ImageLoadError as e:
             return e
 

@@ -82,6 +82,15 @@ def test_embedder_nan_row_for_corrupt_image(in_memory, image_files, tmp_path) ->
         e.images(items, on_error="skip")
 
 
+def _with_uint8(preprocess: Preprocess, per_item) -> Preprocess:
+    """A copy of `preprocess` whose per-item decode (what the Embedder's threads run) is `per_item`."""
+    import copy
+
+    out = copy.copy(preprocess)
+    out.uint8 = per_item
+    return out
+
+
 def test_failures_are_per_thread(in_memory, image_files, tmp_path) -> None:
     """Two threads share one Embedder: a call in thread B in the middle of thread A's call must not
     replace or mix A's failure record (the old shared `self.failures` list was reset by every call)."""
@@ -95,9 +104,9 @@ def test_failures_are_per_thread(in_memory, image_files, tmp_path) -> None:
         if item == gate:
             paused.set()
             assert resume.wait(30)
-        return preprocess(item)
+        return preprocess.uint8(item)
     e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=1, progress=False)
-    e.preprocess = gated
+    e.preprocess = _with_uint8(preprocess, gated)
     seen = {}
 
     def thread_a() -> None:
@@ -127,10 +136,10 @@ def test_pool_keeps_order_and_nan_rows_with_failures(in_memory, image_files, tmp
     def slow_first(item):  # the first items of each batch take longest, so completion order differs
         threads.add(threading.current_thread().name)
         time.sleep(0.02 * (4 - items.index(item) % 4) if item != bad else 0.0)
-        return preprocess(item)
+        return preprocess.uint8(item)
     e = clipkit.Embedder(model, preprocess=preprocess, tokenizer=tok, device="cpu", batch_size=4, progress=False,
                          precision="fp32", workers=4)
-    e.preprocess = slow_first
+    e.preprocess = _with_uint8(preprocess, slow_first)
     out = e.images(items, on_error="nan")
     assert any(name.startswith("clipkit-decode") for name in threads)  # decoded by the pool
     assert [i for i, _ in e.failures] == [0, 3, 6, 9]

@@ -319,6 +319,15 @@ def test_batch_and_pickle(tmp_path):
         Preprocess(PreprocessConfig(interpolation="cubic"))
 
 
+def test_uint8_then_batch_normalize_equals_per_item():
+    """The Embedder decodes to uint8 in threads and normalises per batch: bit-identical to one item at a time."""
+    pre = Preprocess(PreprocessConfig(image_size=S))
+    items = [_photo(40, 30), _photo(20, 50), _photo(33, 33)]
+    one = [pre.uint8(item) for item in items]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, S, S) for x in one)
+    assert torch.equal(pre.normalize(torch.stack(one)), pre.batch(items))
+
+
 # -- case 8: mutation fuzz --------------------------------------------------------------------------
 
 FUZZ_FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "TGA", "PPM"]

@@ -212,7 +212,16 @@ class Preprocess:
         return _fit(img, self._box(img), mode, cfg.image_size, INTERPOLATIONS[cfg.interpolation], cfg.fill)
 
     def __call__(self, image: ImageSource) -> torch.Tensor:
-        x = F.to_dtype(F.pil_to_tensor(self.image(image)), torch.float32, scale=True)  # uint8 [3,S,S] -> [0,1]
+        return self.normalize(self.uint8(image))
+
+    def uint8(self, image: ImageSource) -> torch.Tensor:
+        """The resized image as uint8 `[3, S, S]`: the per-item part, for decode threads."""
+        return F.pil_to_tensor(self.image(image))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[..., 3, S, S]` -> the model's normalised float pixels; one call for a whole batch is cheaper
+        than one per item (the same element-wise operations, so the values are identical)."""
+        x = F.to_dtype(pixels, torch.float32, scale=True)  # [0, 255] -> [0, 1]
         return F.normalize(x, list(self.cfg.mean), list(self.cfg.std))
 
     def batch(self, items: Sequence[ImageSource]) -> torch.Tensor:
