@@ -464,3 +464,22 @@ def test_caption_tokenizer_is_saved_whole_or_not_at_all(pairs, tmp_path, monkeyp
     monkeypatch.setattr(Tokenizer, "save", real_save)
     Trainer(cfg)  # the rerun trains and saves the tokenizer again
     assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+
+def test_validation_keeps_a_locked_text_towers_features(pairs, micro_model):
+    """With a text cache, validation runs the locked tower once per string and only the projection again: the
+    metrics equal the uncached ones, also after the projection changed."""
+    from clipkit.train.validation import evaluate_model
+
+    model, _, tok = clipkit.load(micro_model)
+    table = pd.read_csv(pairs).assign(image=lambda t: [str(pairs.parent / p) for p in t["image"]])
+    templates = ("a {} shape", "{}")
+    cache: dict = {}
+    first = evaluate_model(model, tok, torch.device("cpu"), table, templates, cache)
+    assert set(table["caption"]) <= set(cache) and first == pytest.approx(
+        evaluate_model(model, tok, torch.device("cpu"), table, templates))
+    with torch.no_grad():
+        model.text_proj.weight.mul_(-1.0).add_(0.1)  # what training the projection does
+    plain = evaluate_model(model, tok, torch.device("cpu"), table, templates)
+    model.text_pooled = lambda tokens: pytest.fail("the locked tower ran again")
+    assert evaluate_model(model, tok, torch.device("cpu"), table, templates, cache) == pytest.approx(plain)

@@ -109,6 +109,7 @@ class Trainer:
         self.val_table = read_run_table(cfg.val_data, cfg) if cfg.val_data else None
         model, self.tokenizer = build_model(cfg, source_captions(source), self.out, self.rank)
         self.model = model.to(self.device).train()
+        self._val_text: dict[str, torch.Tensor] = {}  # a locked text tower's pooled features, kept across validations
         self.initial_state = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
                               if cfg.wise_ft is not None else None)
         self.skips = SkipCounter()
@@ -288,7 +289,8 @@ class Trainer:
         if table is None:
             return {}
         model = model if model is not None else self.model
-        return evaluate_model(model, self.tokenizer, self.device, table, self.cfg.val_templates)
+        cache = self._val_text if model is self.model and "text" in model.locked else None
+        return evaluate_model(model, self.tokenizer, self.device, table, self.cfg.val_templates, cache)
 
     def _validate(self) -> None:
         if self.rank != 0 or self.val_table is None:

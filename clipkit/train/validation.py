@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -18,17 +19,41 @@ from ..model.tokenizer import Tokenizer
 from ..model.transforms import Preprocess
 from ..report.plots import plot_tradeoff
 from .runstate import rng_state, set_rng_state
+from .setup import locked_text_features
 
 StateDict = dict[str, torch.Tensor]
 
 
+class LockedTextEmbedder(Embedder):
+    """An Embedder for a model whose text tower is locked: each string's pooled features are computed once and kept
+    in `pooled` (shared between validations), so only the trained projection runs again."""
+
+    def __init__(self, *args: Any, pooled: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pooled = pooled
+
+    @torch.inference_mode()
+    def texts(self, strings: Sequence[str]) -> np.ndarray:
+        missing = [s for s in dict.fromkeys(strings) if s not in self.pooled]
+        if missing:
+            feats = locked_text_features(self.model, self.tokenizer, missing, False, self.precision.text)
+            self.pooled.update(zip(missing, feats))
+        if not strings:
+            return np.zeros((0, self.dim), np.float32)
+        pooled = torch.stack([self.pooled[s] for s in strings]).to(self.device)
+        return self.model.encode_text_pooled(pooled).cpu().numpy()
+
+
 def evaluate_model(model: CLIPModel, tokenizer: Tokenizer, device: torch.device, table: pd.DataFrame,
-                   templates: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                   templates: Optional[Sequence[str]] = None,
+                   text_cache: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Any]:
     """Retrieval metrics on `table` and, when it has a `label` column, zero-shot ones under `templates` (None:
-    DEFAULT_TEMPLATES). The RNG states are restored and the model is back in train mode afterwards."""
+    DEFAULT_TEMPLATES). With `text_cache` (a locked text tower) texts' pooled features are kept there and reused.
+    The RNG states are restored and the model is back in train mode afterwards."""
     rng = rng_state()
-    emb = Embedder(model, preprocess=Preprocess(model.config.preprocess), tokenizer=tokenizer, device=device,
-                   progress=False)
+    kind, extra = (Embedder, {}) if text_cache is None else (LockedTextEmbedder, {"pooled": text_cache})
+    emb = kind(model, preprocess=Preprocess(model.config.preprocess), tokenizer=tokenizer, device=device,
+               progress=False, **extra)
     metrics = dict(eval_retrieval(emb, table).metrics)
     if "label" in table.columns:
         metrics.update(eval_zeroshot(emb, table, templates=templates or DEFAULT_TEMPLATES).metrics)
