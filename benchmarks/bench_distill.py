@@ -6,6 +6,7 @@ of the demo's short Korean queries over every image. One JSON line per run is ap
     python benchmarks/bench_distill.py --data emoji --model runs/emoji/best_model --out /tmp/d --steps 300
     python benchmarks/bench_distill.py ... --with-test-names      # the test emoji's names in, labelled as such
     python benchmarks/bench_distill.py ... --student bpe --lr 1e-3  # a fresh text tower with a byte-level BPE
+    python benchmarks/bench_distill.py ... --keywords     # + CLDR keyword-list pairs and the keywords aligned in them
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
+from clipkit.data.datasets.emoji.catalog import load_emoji
+from clipkit.data.datasets.emoji.keywords import load_keywords
+from clipkit.data.datasets.emoji.styles import default_packs_dir
 from clipkit.data.datasets.parallel import build_parallel
 from clipkit.embed import Embedder
 from clipkit.evaluate.runners import eval_retrieval
@@ -24,6 +29,16 @@ from clipkit.search.index import SearchIndex
 from clipkit.train.distill import DistillConfig, distill_text
 
 QUERIES = ["사과", "고양이", "기차", "apple", "cat", "train"]  # apple, cat, train: Korean, then English
+
+
+def keywords(wanted: bool) -> Optional[dict]:
+    """English and Korean CLDR keywords from the packs folder's emojibase-data, or None (not wanted)."""
+    if not wanted:
+        return None
+    found = load_keywords(default_packs_dir(), load_emoji(), ("en", "ko"))
+    if isinstance(found, str):
+        raise SystemExit(found)
+    return found[0]
 
 
 def read_splits(data: Path) -> dict[str, pd.DataFrame]:
@@ -59,13 +74,14 @@ def main() -> None:
     ap.add_argument("--english-fraction", type=float, default=0.25)
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
     ap.add_argument("--skip-teacher", action="store_true")
+    ap.add_argument("--keywords", action="store_true", help="add CLDR keyword pairs (emojibase-data in the packs folder)")
     ap.add_argument("--log", type=Path, default=Path("distill.jsonl"))
     args = ap.parse_args()
     tables = read_splits(args.data)
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
-    pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude)
+    pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude, keywords=keywords(args.keywords))
     record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
-              "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names,
+              "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)

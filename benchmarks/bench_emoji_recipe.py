@@ -31,6 +31,8 @@ RECIPES = {
     "captions": (ALL_FORMS, {}, {}),
     "captions_crop": (ALL_FORMS, {"augment": True}, {}),
     "style": (ALL_FORMS, {"style_augment": True}, {}),
+    # + CLDR keyword captions: needs a dataset built with `clipkit data emoji --keywords`
+    "style_keywords": ((*ALL_FORMS, "keywords"), {"style_augment": True}, {}),
     "style_nogrey": (ALL_FORMS, {"style_augment": True}, {"grayscale_p": 0.0, "hue": 0.0}),
     "style_strong": (ALL_FORMS, {"style_augment": True}, {"crop_scale": (0.35, 1.0), "background_p": 0.8,
                                                           "blur_p": 0.3}),
@@ -66,11 +68,9 @@ KEYS = ["style_test_name_en/text_to_image_R@1", "style_test_zeroshot/top1", "sty
 
 def run(data: Path, recipe: str, steps: int, seed: int, out: Path, lr: float, batch: int) -> dict:
     forms, extra, aug = RECIPES[recipe]
-    train_csv = data / "train.csv"
-    if set(forms) != set(ALL_FORMS):
-        table = pd.read_csv(train_csv, keep_default_na=False)
-        train_csv = data / f"train_{'_'.join(forms)}.csv"
-        table[table["form"].isin(forms)].to_csv(train_csv, index=False)
+    table = pd.read_csv(data / "train.csv", keep_default_na=False)
+    train_csv = data / f"train_{'_'.join(forms)}.csv"  # the dataset may hold more forms (keywords) than trained on
+    table[table["form"].isin(forms)].to_csv(train_csv, index=False)
     train_setup.StyleAugment = functools.partial(StyleAugment, cfg=StyleAugmentConfig(**aug))
     templates = load_templates(data / "templates.txt")
     cfg = TrainConfig(train_data=str(train_csv), val_data=None, output=str(out), lock_text=True,

@@ -72,7 +72,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if chosen.get("holdout") == "none":
         chosen["holdout"] = None
     summary = build_emoji_dataset(args.out, size=args.size, seed=args.seed, langs=args.langs, packs=args.packs,
-                                  progress=not args.quiet, **chosen)
+                                  progress=not args.quiet, keywords=args.keywords, **chosen)
     for split, n in summary.rows.items():
         print(f"{split:5s} {n:6d} rows, {summary.emoji[split]:5d} emoji")
     for style, n in summary.images.items():
@@ -329,6 +329,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    "(default: fluent)")
     p.add_argument("--packs", help="folder of npm emoji packs (default $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/emoji-packs)")
     p.add_argument("--langs", nargs="+", default=["en", "ko"], help="caption languages")
+    p.add_argument("--keywords", action="store_true", help="also caption each image by its CLDR keywords (form "
+                   "'keywords', from the emojibase-data pack; measured worse to train on, see benchmarks/RESULTS.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_data)
 

@@ -158,6 +158,26 @@ def make_emoji_packs(folder: Path, codes: list[str], names: list[str], version: 
     return folder
 
 
+def make_keywords_pack(folder: Path, chars: dict[str, dict[str, list[str]]], version: str = "9.9.9") -> Path:
+    """An `emojibase-data` npm pack: `package/{lang}/data.json` entries with `emoji` and `tags`, for
+    `chars` = lang -> emoji -> tags."""
+    import io
+    import json
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / f"emojibase-data-{version}.tgz", "w:gz") as tar:
+        files = {"package.json": {"name": "emojibase-data", "version": version, "license": "MIT"}}
+        for lang, tags in chars.items():
+            files[f"{lang}/data.json"] = [{"emoji": c, "label": c, "tags": t} for c, t in tags.items()]
+        for name, obj in files.items():
+            data = json.dumps(obj, ensure_ascii=False).encode()
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str):
     """Mount a tmpfs of `size` (e.g. "1M") at `path` for a full-disk test; skips where mounting is not allowed."""

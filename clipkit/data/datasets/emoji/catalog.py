@@ -15,13 +15,14 @@ import emoji as emoji_pkg
 SKIN_TONES = {"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"}
 LANGS = ("en", "ko")
 # caption forms per language: (form, template); "name" is the plain name a user types, "template" the phrase
-# the first demo trained on (its test figures stay comparable), "variant" further phrasings for training
+# the first demo trained on (its test figures stay comparable), "variant" further phrasings for training;
+# "keywords" (the emoji's CLDR search keywords, opt-in from the emojibase-data pack: keywords.py) has no template
 CAPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "en": (("name", "{name}"), ("template", "{article} {name} emoji"),
            ("variant", "an emoji of {article} {name}"), ("variant", "a drawing of {article} {name}")),
     "ko": (("name", "{name}"), ("template", "{name} 이모지")),
 }
-FORMS = ("name", "template", "variant")
+FORMS = ("name", "template", "variant")  # the forms the demo trains on
 
 
 class Emoji(NamedTuple):
