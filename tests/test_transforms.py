@@ -325,7 +325,7 @@ def test_uint8_then_batch_normalize_equals_per_item():
     items = [_photo(40, 30), _photo(20, 50), _photo(33, 33)]
     one = [pre.uint8(item) for item in items]
     assert all(x.dtype == torch.uint8 and x.shape == (3, S, S) for x in one)
-    assert torch.equal(pre.normalize(torch.stack(one)), pre.batch(items))
+    assert torch.equal(pre.normalize(torch.stack(one)), torch.stack([pre(item) for item in items]))
 
 
 # -- case 8: mutation fuzz --------------------------------------------------------------------------

@@ -229,4 +229,4 @@ class Preprocess:
         s = self.cfg.image_size
         if not items:
             return torch.empty(0, 3, s, s)
-        return torch.stack([self(item) for item in items])
+        return self.normalize(torch.stack([self.uint8(item) for item in items]))

