@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import default_collate
+from torchvision.transforms.v2 import functional as TF
 
 from clipkit.data.augment import StyleAugment, StyleAugmentConfig, background_mask
 from clipkit.data.cache import CachedPairDataset, DecodedCache
@@ -99,12 +101,62 @@ def test_cached_dataset_augments_images_and_never_captions(tmp_path) -> None:
     plain = CachedPairDataset(table, cache, tok, cfg)
     styled = CachedPairDataset(table, cache, tok, cfg, train=True, style=StyleAugment(32))
     torch.manual_seed(0)
-    a = styled[1]
+    a = styled.collate([styled[1]])
     torch.manual_seed(0)
-    b = styled[1]
-    assert torch.equal(a["pixels"], b["pixels"]) and not torch.allclose(a["pixels"], plain[1]["pixels"])
-    assert torch.equal(a["input_ids"], plain[1]["input_ids"])  # the caption is untouched: cached text stays valid
-    assert a["pixels"].shape == plain[1]["pixels"].shape == (3, 32, 32)
+    b = styled.collate([styled[1]])
+    p = plain.collate([plain[1]])
+    assert torch.equal(a["pixels"], b["pixels"]) and not torch.allclose(a["pixels"], p["pixels"])
+    assert torch.equal(a["input_ids"], p["input_ids"])  # the caption is untouched: cached text stays valid
+    assert a["pixels"].shape == p["pixels"].shape == (1, 3, 32, 32) and a["pixels"].dtype == torch.float32
+
+
+def _images(n: int, size: int = 32) -> list[torch.Tensor]:
+    """Faces of different sizes and colours, so every image has its own background."""
+    out = []
+    for k in range(n):
+        img = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((2 + k % 5, 3, size - 3 - k % 4, size - 2 - k % 3), fill=(40 * k % 256, 200 - 15 * k, 90))
+        draw.rectangle((10, 10, 14 + k % 6, 13), fill="white")
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return out
+
+
+def test_a_batch_gets_what_each_image_gets_alone() -> None:
+    """`apply` on a stacked batch equals `__call__` image by image under the same seeds (every change drawn often)."""
+    xs = _images(12)
+    aug = StyleAugment(32, StyleAugmentConfig(background_p=0.7, jitter_p=0.7, grayscale_p=0.4, blur_p=0.4))
+    alone, draws = [], []
+    for k, x in enumerate(xs):
+        torch.manual_seed(k)
+        alone.append(aug(x))
+        torch.manual_seed(k)
+        draws.append(aug.draw(x, key=k))
+    batch = aug.apply(torch.stack(xs), default_collate(draws))
+    assert torch.allclose(batch, torch.stack(alone), atol=1e-6)
+    assert len({bool(d.grey) for d in draws}) == len({bool(d.blur) for d in draws}) == 2  # both kinds in the batch
+
+
+def test_crops_are_torchvisions_resized_crops() -> None:
+    """The batched crop gives torchvision's `resized_crop` (bilinear, antialias) for each image's own box."""
+    xs = _images(8)
+    aug = StyleAugment(32, StyleAugmentConfig(**{**OFF, "crop_scale": (0.3, 1.0), "crop_ratio": (0.6, 1.6)}))
+    torch.manual_seed(0)
+    draws = [aug.draw(x) for x in xs]
+    out = aug.apply(torch.stack(xs), default_collate(draws))
+    for x, d, y in zip(xs, draws, out):
+        ref = TF.resized_crop(x.float() / 255, d.top, d.left, d.height, d.width, [32, 32], antialias=True)
+        assert torch.allclose(y, ref.clamp(0, 1), atol=1e-5)
+    assert len({(d.height, d.width) for d in draws}) > 4  # boxes of many shapes
+
+
+def test_background_masks_are_kept_per_key() -> None:
+    x, aug = _face(), StyleAugment(32, StyleAugmentConfig(**{**OFF, "background_p": 1.0}))
+    first = aug.draw(x, key=7).mask
+    assert aug.draw(torch.zeros_like(x), key=7).mask is first  # an image's mask, found again by its cache row
+    assert not aug.draw(torch.zeros_like(x)).mask.any()  # without a key: computed (black has no white border)
+    with pytest.raises(ValueError, match="takes"):
+        aug.draw(torch.zeros(3, 16, 16, dtype=torch.uint8))
 
 
 def test_trainer_option_needs_the_image_cache() -> None:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import clipkit
-from clipkit.errors import CheckpointError, DataError
+from clipkit.errors import CheckpointError, ClipkitError, DataError
 from clipkit.model import config as model_config
 from clipkit.model.factory import resolve_config
 from clipkit.train import TrainConfig, Trainer, TrainingError
@@ -360,11 +360,13 @@ def test_scratch_clip_text_tower_is_bound_to_its_caption_tokenizer(pairs, tmp_pa
         clipkit.save_hf(model, tok, tmp_path / "hf")
 
 
-def test_loader_workers_change_nothing_across_epochs(pairs, micro_model, tmp_path):
-    """One loader for the whole run: its persistent workers serve every epoch the exact samples (augmented too)."""
+@pytest.mark.parametrize("augment", ["augment", "style_augment"])
+def test_loader_workers_change_nothing_across_epochs(pairs, micro_model, tmp_path, augment):
+    """One loader for the whole run: its persistent workers serve every epoch the exact samples (augmented too;
+    style augmentation draws per sample in the dataset and is applied per batch in the workers' collate)."""
     for workers in (0, 2):
-        Trainer(_cfg(pairs, micro_model, tmp_path / f"w{workers}", max_steps=7, checkpoint_every=100, augment=True,
-                     num_workers=workers)).fit()  # 3 batches per epoch: 3 epochs
+        Trainer(_cfg(pairs, micro_model, tmp_path / f"w{workers}", max_steps=7, checkpoint_every=100,
+                     num_workers=workers, **{augment: True})).fit()  # 3 batches per epoch: 3 epochs
     _assert_same(_weights(tmp_path / "w0"), _weights(tmp_path / "w2"))
 
 
@@ -483,3 +485,46 @@ def test_validation_keeps_a_locked_text_towers_features(pairs, micro_model):
     plain = evaluate_model(model, tok, torch.device("cpu"), table, templates)
     model.text_pooled = lambda tokens: pytest.fail("the locked tower ran again")
     assert evaluate_model(model, tok, torch.device("cpu"), table, templates, cache) == pytest.approx(plain)
+
+
+def test_patch_dropout_drops_tokens_in_training_only(pairs, micro_model, tmp_path):
+    """FLIP-style patch dropout: half the patch tokens reach the blocks in a training step, all of them in eval;
+    the trained model saves and loads as the plain tower (same config, eval outputs of the same weights)."""
+    from clipkit.train.setup import set_patch_dropout
+
+    model, _, _ = clipkit.load(micro_model)
+    plain = copy.deepcopy(model)
+    set_patch_dropout(model, 0.5)
+    seen = []
+    model.visual.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    x = torch.rand(2, 3, 32, 32)
+    model.train()(x)
+    model.eval()
+    assert torch.equal(model.encode_image(x), plain.eval().encode_image(x))
+    patches = model.visual.patch_embed.num_patches
+    assert seen == [1 + patches // 2, 1 + patches]  # class token + half the patches, then all of them
+    summary = Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=3, patch_dropout=0.5)).fit()
+    saved = json.loads((Path(summary["model_dir"]) / "config.json").read_text())
+    assert saved == json.loads((micro_model / "config.json").read_text())
+    with pytest.raises(ClipkitError, match="patch_dropout"):
+        TrainConfig(train_data="t.csv", output="o", patch_dropout=1.0)
+
+
+def test_patch_dropout_needs_a_vit(pairs, tmp_path):
+    cfg = resolve_config("tiny", image_size=32)
+    cfg.vision = model_config.VisionConfig("resnet10t", {})
+    model, tok = clipkit.create_model_and_tokenizer(cfg)
+    from clipkit.train.setup import set_patch_dropout
+
+    with pytest.raises(ClipkitError, match="timm ViT"):
+        set_patch_dropout(model, 0.5)
+
+
+def test_a_run_written_before_a_new_field_still_resumes():
+    """A field added later (patch_dropout) is read as its neutral default in an older run's train_config.json."""
+    from clipkit.train.config import config_changes, config_dict
+
+    new = config_dict(TrainConfig(train_data="t.csv", output="o"), 1)
+    old = {k: v for k, v in new.items() if k != "patch_dropout"}
+    assert config_changes(old, new) == []
+    assert config_changes(old, {**new, "patch_dropout": 0.5}) == ["patch_dropout: 0.0 -> 0.5"]

@@ -8,11 +8,13 @@ from torch's RNG, so a seeded sample gets the same augmentation again (exact res
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torchvision.transforms import v2 as T
+from torch.utils.data import default_collate
+from torchvision.transforms import RandomResizedCrop
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ def background_mask(x: torch.Tensor, min_value: int = 245) -> torch.Tensor:
     return torch.from_numpy(np.isin(labels, edge[edge > 0]))
 
 
+def _each(v: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, 1]: one value per image of a batch."""
+    return v.view(-1, 1, 1, 1)
+
+
 def _chance(p: float) -> bool:
     return p > 0 and bool(torch.rand(()) < p)
 
@@ -60,57 +67,133 @@ def _uniform(low: float, high: float) -> float:
 _GREY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
+class StyleDraw(NamedTuple):
+    """One sample's random choices (`StyleAugment.draw`); `default_collate` stacks a batch of them field by field."""
+
+    mask: torch.Tensor  # [S, S] bool: the background to recolour (all False when it keeps its white)
+    colour: torch.Tensor  # [3] the new background colour
+    jitter: bool
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float  # a turn of the colour circle
+    grey: bool
+    blur: bool
+    sigma: float
+    top: int  # the crop box
+    left: int
+    height: int
+    width: int
+
+
 class StyleAugment:
     """uint8 [3, S, S] -> float [3, S, S] in [0, 1]: background colour, colour jitter, grey-scale, blur, crop.
 
-    Written as a few float tensor operations (about 1 ms a sample on one core; torchvision's uint8 colour
-    jitter with hue took 2 ms alone), because it runs on the training process's own cores.
+    Two halves, so that a whole batch is augmented at once: `draw` takes one sample's random choices (under that
+    sample's seeded RNG, in the loader's dataset), `apply` carries them out on a stacked batch (in the loader's
+    collate). One sample at a time, the demo's batch of 64 took ~100 ms of one core.
     """
 
     def __init__(self, image_size: int, cfg: StyleAugmentConfig = StyleAugmentConfig()) -> None:
-        self.cfg = cfg
-        self.crop = T.RandomResizedCrop(image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True)
+        self.size, self.cfg = image_size, cfg
+        self._masks: dict[int, torch.Tensor] = {}  # background masks by cache row: a pure function of the image
+        self._no_mask = torch.zeros(image_size, image_size, dtype=torch.bool)
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def draw(self, x: torch.Tensor, key: Optional[int] = None) -> StyleDraw:
+        """One sample's choices, from torch's RNG; `key` memoises the background mask of an image that comes
+        again (a cache row)."""
         cfg = self.cfg
-        x = x * _uniform(1 - cfg.brightness, 1 + cfg.brightness)
-        grey = (x * _GREY).sum(0, keepdim=True)
-        x = (x - grey.mean()) * _uniform(1 - cfg.contrast, 1 + cfg.contrast) + grey.mean()
-        x = grey + (x - grey) * _uniform(1 - cfg.saturation, 1 + cfg.saturation)
-        if cfg.hue > 0:  # a small hue turn: rotate the chroma plane about the grey axis (YIQ)
-            x = _turn_hue(x, _uniform(-cfg.hue, cfg.hue))
-        return x.clamp_(0, 1)
+        if x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"StyleAugment({self.size}) takes [3, {self.size}, {self.size}] images, got {tuple(x.shape)}")
+        mask, colour = self._no_mask, torch.ones(3)
+        if _chance(cfg.background_p):
+            mask, colour = self._mask(x, key), torch.rand(3)
+        jitter, factors, hue = _chance(cfg.jitter_p), (1.0, 1.0, 1.0), 0.0
+        if jitter:
+            factors = tuple(_uniform(1 - r, 1 + r) for r in (cfg.brightness, cfg.contrast, cfg.saturation))
+            hue = _uniform(-cfg.hue, cfg.hue) if cfg.hue > 0 else 0.0
+        grey, blur = _chance(cfg.grayscale_p), _chance(cfg.blur_p)
+        sigma = _uniform(*cfg.blur_sigma) if blur else 1.0
+        box = RandomResizedCrop.get_params(x, list(cfg.crop_scale), list(cfg.crop_ratio))
+        return StyleDraw(mask, colour, jitter, *factors, hue, grey, blur, sigma, *box)
+
+    def _mask(self, x: torch.Tensor, key: Optional[int]) -> torch.Tensor:
+        if key is None:
+            return background_mask(x, self.cfg.background_min)
+        if key not in self._masks:
+            self._masks[key] = background_mask(x, self.cfg.background_min)
+        return self._masks[key]
+
+    def apply(self, x: torch.Tensor, d: StyleDraw) -> torch.Tensor:
+        """uint8 [B, 3, S, S] and the stacked draws of its samples -> float [B, 3, S, S] in [0, 1]."""
+        x = torch.where(d.mask[:, None], d.colour[:, :, None, None], x.float().div_(255))
+        for chosen, change in ((d.jitter, self._jitter), (d.grey, _grey), (d.blur, _blur)):
+            i = chosen.nonzero()[:, 0]  # only the images drawn for this change
+            if len(i):
+                x[i] = change(x[i], {k: v[i] for k, v in d._asdict().items() if k != "mask"})
+        boxes = torch.stack([d.top, d.left, d.height, d.width], 1)
+        return _resized_crops(x, boxes, self.size).clamp_(0, 1)  # resampling can overshoot 1 by a rounding error
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        mask = background_mask(x, cfg.background_min) if _chance(cfg.background_p) else None
-        x = x.float().div_(255)
-        if mask is not None:
-            x = torch.where(mask, torch.rand(3, 1, 1), x)
-        if _chance(cfg.jitter_p):
-            x = self._jitter(x)
-        if _chance(cfg.grayscale_p):
-            x = (x * _GREY).sum(0, keepdim=True).expand(3, -1, -1)
-        if _chance(cfg.blur_p):
-            x = _blur(x, _uniform(*cfg.blur_sigma))
-        return self.crop(x).clamp(0, 1)  # resampling can overshoot 1 by a rounding error
+        """One image: `draw` then `apply` (the training loader does the two apart, a batch at a time)."""
+        return self.apply(x[None], default_collate([self.draw(x)]))[0]
+
+    def _jitter(self, x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        brightness, contrast, saturation = (_each(d[k].float()) for k in ("brightness", "contrast", "saturation"))
+        x = x * brightness
+        grey = (x * _GREY).sum(1, keepdim=True)
+        mean = grey.mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        x = grey + (x - grey) * saturation
+        if self.cfg.hue > 0:  # a small hue turn: rotate the chroma plane about the grey axis (YIQ)
+            x = _turn_hue(x, d["hue"])
+        return x.clamp_(0, 1)
 
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _RGB = torch.linalg.inv(_YIQ)
 
 
-def _turn_hue(x: torch.Tensor, turn: float) -> torch.Tensor:
-    """Rotate hue by `turn` of a full circle (in YIQ space: luma kept, chroma rotated)."""
-    c, s = float(np.cos(2 * np.pi * turn)), float(np.sin(2 * np.pi * turn))
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    m = _RGB @ rot @ _YIQ
-    return torch.einsum("ij,jhw->ihw", m, x)
+def _turn_hue(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by `turn` [B] of a full circle (in YIQ space: luma kept, chroma rotated)."""
+    c, s = torch.cos(2 * torch.pi * turn).float(), torch.sin(2 * torch.pi * turn).float()  # turn: float64
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, c, -s], -1),
+                       torch.stack([zero, s, c], -1)], -2)  # [B, 3, 3]
+    return torch.einsum("bij,bjhw->bihw", _RGB @ rot @ _YIQ, x)
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A 3x3 Gaussian blur of a [3, S, S] image, edges replicated."""
-    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma ** 2))
-    k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(3, 1, 3, 3)
-    padded = torch.nn.functional.pad(x[None], (1, 1, 1, 1), mode="replicate")
-    return torch.nn.functional.conv2d(padded, k, groups=3)[0]
+def _grey(x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (x * _GREY).sum(1, keepdim=True).expand_as(x)
+
+
+def _blur(x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A 3x3 Gaussian blur of each [3, S, S] image of a batch with its own `d["sigma"]`, edges replicated."""
+    b, c, h, w = x.shape
+    sigma = d["sigma"].float()
+    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma[:, None] ** 2))  # [B, 3]
+    k = k[:, :, None] * k[:, None, :] / k.sum(1)[:, None, None] ** 2  # [B, 3, 3]
+    weight = k[:, None].expand(b, c, 3, 3).reshape(b * c, 1, 3, 3)
+    padded = torch.nn.functional.pad(x.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(padded, weight, groups=b * c).view(b, c, h, w)
+
+
+def _resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop box (top, left, height, width) of each image, resized to `size` x `size` bilinearly: torchvision's
+    `resized_crop` values for crops no larger than the output, as two batched matmuls (rows, then columns)."""
+    rows = _resampling(boxes[:, 0], boxes[:, 2], size, x.shape[2])  # [B, size, H]
+    cols = _resampling(boxes[:, 1], boxes[:, 3], size, x.shape[3])  # [B, size, W]
+    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+
+
+def _resampling(start: torch.Tensor, length: torch.Tensor, size: int, source: int) -> torch.Tensor:
+    """[B, size, source]: each output pixel's bilinear weights on the crop's source pixels, with half-pixel
+    centres and edges clamped to the crop (as `interpolate(..., align_corners=False)`)."""
+    first, last = start[:, None].double(), (start + length - 1)[:, None].double()
+    pos = first + (torch.arange(size, dtype=torch.float64) + 0.5) / size * length[:, None] - 0.5
+    pos = torch.minimum(torch.maximum(pos, first), last)
+    lo = pos.floor()
+    hi, frac = torch.minimum(lo + 1, last), (pos - lo).float()
+    weights = torch.zeros(len(start), size, source)
+    weights.scatter_add_(2, lo.long()[..., None], (1 - frac)[..., None])
+    return weights.scatter_add_(2, hi.long()[..., None], frac[..., None])

@@ -15,14 +15,14 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ..model.config import PreprocessConfig
 from .augment import StyleAugment
-from .samples import Sample, make_loader, make_sample
+from .samples import Sample, collate, make_loader, make_sample
 from ..errors import DataError, ImageLoadError
 from ..fileio import atomic_dir, files_fingerprint, recover_dir, reserve_space
 from ..model.tokenizer import Tokenizer
@@ -153,7 +153,10 @@ def _decode_into(file: Path, paths: list[str], cfg: PreprocessConfig, num_worker
 
 class CachedPairDataset(Dataset):
     """PairDataset's samples, read from a DecodedCache: uint8 -> normalised float, plus a random crop in train,
-    or `style`'s whole augmentation (background, colour, grey-scale, blur, crop) when it is given."""
+    or `style`'s whole augmentation (background, colour, grey-scale, blur, crop) when it is given.
+
+    With `style`, an item holds its uint8 pixels and its `StyleDraw`, and the dataset's `collate` augments and
+    normalises the whole batch at once; load it with `collate_fn=dataset.collate`."""
 
     def __init__(self, table: pd.DataFrame, cache: DecodedCache, tokenizer: Optional[Tokenizer], cfg: PreprocessConfig,
                  train: bool = False, style: Optional[StyleAugment] = None) -> None:
@@ -180,8 +183,20 @@ class CachedPairDataset(Dataset):
             return {"skip": (str(self.images[i]), self.cache.skipped.get(row, "decode_error")), "index": int(i)}
         x = torch.from_numpy(np.array(self.cache.pixels[row])).permute(2, 0, 1)  # [S, S, 3] -> [3, S, S] uint8
         if self.style is not None:
-            x = self.style(x)
-        elif self.train:
+            return {**make_sample(x, str(self.captions[i]), self.tokenizer, int(i)), "style": self.style.draw(x, row)}
+        if self.train:
             x = self.crop(x)
-        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), list(self.cfg.mean), list(self.cfg.std))
-        return make_sample(x, str(self.captions[i]), self.tokenizer, int(i))
+        return make_sample(self._normalize(F.to_dtype(x, torch.float32, scale=True)), str(self.captions[i]),
+                           self.tokenizer, int(i))
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, list(self.cfg.mean), list(self.cfg.std))
+
+    def collate(self, batch: Sequence[Sample]) -> dict[str, Any]:
+        """`samples.collate`, and with `style` the batch's augmentation (its items' draws) and normalisation."""
+        good = [b for b in batch if "pixels" in b]
+        draws = default_collate([b["style"] for b in good]) if good and self.style is not None else None
+        out = collate(batch)
+        if draws is not None:
+            out["pixels"] = self._normalize(self.style.apply(out["pixels"], draws))
+        return out

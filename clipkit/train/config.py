@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from ..errors import ClipkitError
 from ..evaluate.zeroshot import check_templates
@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     augment: bool = False
     style_augment: bool = False  # data.augment.StyleAugment: background colour, colour jitter, grey, blur, crops
+    patch_dropout: float = 0.0  # a ViT image tower sees this fraction of its patches dropped per image (FLIP)
     cache_images: bool = True
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -74,7 +75,12 @@ class TrainConfig:
                    "checkpoint_every", "keep_checkpoints", "val_data", "output", "extra",
                    "wise_ft", "reference_data")  # WiSE-FT only evaluates after training
 
+    # fields added later, with the value that reproduces what runs before them did (a missing field is that value)
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"patch_dropout": 0.0}
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ClipkitError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.style_augment and not self.cache_images:
             raise ClipkitError("style_augment works on the decoded-image cache: drop --no-image-cache")
         if self.val_templates is not None:  # a bad template fails now, not at the first validation
@@ -106,4 +112,5 @@ def config_dict(cfg: TrainConfig, world: int) -> dict[str, Any]:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every field that differs, except those a resume may change (RESUME_FREE)."""
     keys = sorted((set(old) | set(new)) - set(TrainConfig.RESUME_FREE))
+    old = {**TrainConfig.ADDED_DEFAULTS, **old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -15,13 +15,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import pandas as pd
 import torch
 import torch.distributed as dist
+from timm.layers import PatchDropout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ..data.augment import StyleAugment
 from ..data.cache import CachedPairDataset, DecodedCache
-from ..data.samples import PairDataset, SkipCounter, make_loader, seeded_cpu_rng
+from ..data.samples import PairDataset, SkipCounter, collate, make_loader, seeded_cpu_rng
 from ..data.shards import is_streamed
 from ..data.tables import read_pairs
 from ..fileio import atomic_dir, files_fingerprint
@@ -72,9 +73,22 @@ def build_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> 
         model.logit_bias = nn.Parameter(torch.tensor(-10.0))
         model.config.init_logit_bias = -10.0
     lock_towers(model, cfg)
+    if cfg.patch_dropout:
+        set_patch_dropout(model, cfg.patch_dropout)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, tok
+
+
+def set_patch_dropout(model: CLIPModel, rate: float) -> None:
+    """Drop `rate` of each image's patch tokens in training (FLIP; open_clip's `patch_dropout`): fewer tokens per
+    step, and a regulariser. timm's `PatchDropout` acts in train mode only, and holds no weights, so the saved
+    model and its config are those of the plain tower."""
+    visual = model.visual
+    if not hasattr(visual, "patch_drop") or not hasattr(visual, "num_prefix_tokens"):
+        raise ClipkitError(f"patch_dropout needs a timm ViT image tower; {type(visual).__name__} has no patch tokens "
+                           "to drop")
+    visual.patch_drop = PatchDropout(rate, num_prefix_tokens=visual.num_prefix_tokens)
 
 
 def lock_towers(model: CLIPModel, cfg: TrainConfig) -> None:
@@ -261,7 +275,7 @@ def build_data(cfg: TrainConfig, source: Source, model: CLIPModel, tokenizer: To
                                           precision)
     dataset = SeededSamples(ds, len(table), cfg.seed)
     loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True,
-                         sampler=sampler)
+                         sampler=sampler, collate_fn=ds.collate if isinstance(ds, CachedPairDataset) else collate)
     return RunData(table, dataset, sampler, text_cache, data_fingerprint(table), loader, not cfg.cache_images)
 
 
