@@ -44,6 +44,10 @@ RECIPES = {
     "style_resnet18": (ALL_FORMS, {"style_augment": True, "model": "resnet18-minilm"}, {}),
     "style_resnet10t": (ALL_FORMS, {"style_augment": True, "model": "resnet10t-minilm"}, {}),
     "style_convnext_atto": (ALL_FORMS, {"style_augment": True, "model": "convnext_atto-minilm"}, {}),
+    # FLIP-style patch dropout (`--patch-dropout`: fewer tokens per step, so also faster); 0.5 is the demo's
+    "style_pdrop25": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.25}, {}),
+    "style_pdrop50": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5}, {}),
+    "style_pdrop75": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.75}, {}),
 }
 
 

@@ -29,7 +29,7 @@ TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train"
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
 MULTILINGUAL = "model_multilingual"  # the trained model with the distilled text tower (same image tower)
 RECIPES = {  # preset, extra trainer options
-    "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True}),
+    "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True, "patch_dropout": 0.5}),
     "scratch": ("tiny", {"style_augment": True}),
 }
 QUERIES = {  # query set -> (caption language, caption form) of the rows it is made of
