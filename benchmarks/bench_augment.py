@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,8 @@ from torchvision.transforms import v2 as T
 
 from clipkit.data.augment import StyleAugment, StyleAugmentConfig
 from clipkit.data.samples import seeded_cpu_rng
+
+from bench_embed import interleaved  # the timing loop of this folder's scripts
 
 SIZE = 64
 
@@ -78,19 +79,6 @@ def runners(images: list[torch.Tensor], batch: int) -> dict[str, Callable[[], No
 
     return {"clipkit batched": batched, "clipkit one image at a time": one_by_one(aug),
             "torchvision v2, one image at a time (no background recolour)": one_by_one(vision)}
-
-
-def interleaved(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per pass over the images, the runners taking turns each round (after one warm-up pass each)."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> int:
