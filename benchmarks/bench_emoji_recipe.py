@@ -48,6 +48,7 @@ RECIPES = {
     "style_pdrop25": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.25}, {}),
     "style_pdrop50": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5}, {}),
     "style_pdrop75": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.75}, {}),
+    "style_pdrop50_unmasked": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5, "unmasked_steps": 160}, {}),
 }
 
 

@@ -373,6 +373,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-dropout", type=float, metavar="RATE",
                    help="ViT image towers: drop this fraction of each image's patches while training (FLIP; 0.5 "
                         "halves the tokens; default 0)")
+    p.add_argument("--unmasked-steps", type=int, metavar="N",
+                   help="with --patch-dropout: the last N steps see every patch (FLIP's unmasked tuning)")
     p.add_argument("--no-image-cache", dest="cache_images", action="store_false", default=None,
                    help="decode images every epoch instead of once into a uint8 cache")
     p.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (default 200)")

@@ -50,6 +50,7 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     templates = config["val_templates"]
     assert metrics["zeroshot/num_templates"] == len(templates) == 5 and "an emoji of {}." in templates  # the dataset's
     assert config["style_augment"] and config["patch_dropout"] == 0.5 and config["max_steps"] == 2
+    assert config["unmasked_steps"] == 0  # the last fifth of 2 steps
     trained = {line.split(",")[0].split("/")[1] for line in (out / "data" / "train.csv").read_text().splitlines()[1:]}
     assert trained == {"openmoji", "noto"}  # the held-out style is never trained on
     assert metrics["index/count"] == 3 * 40 and metrics["train/steps"] == 2

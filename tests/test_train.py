@@ -510,6 +510,20 @@ def test_patch_dropout_drops_tokens_in_training_only(pairs, micro_model, tmp_pat
         TrainConfig(train_data="t.csv", output="o", patch_dropout=1.0)
 
 
+def test_unmasked_steps_end_the_run_on_every_patch(pairs, micro_model, tmp_path):
+    """FLIP's unmasked tuning: with patch dropout 0.5 and 2 unmasked steps, a 5-step run shows the blocks half the
+    patches for 3 steps, then all of them; the switch is decided by the step, so a resumed run makes it too."""
+    trainer = Trainer(_cfg(pairs, micro_model, tmp_path / "run", max_steps=5, patch_dropout=0.5, unmasked_steps=2,
+                           checkpoint_every=100))
+    tokens = []
+    trainer.model.visual.blocks[0].register_forward_hook(lambda m, i, o: tokens.append(o.shape[1]))
+    trainer.fit()
+    patches = trainer.model.visual.patch_embed.num_patches
+    assert tokens == [1 + patches // 2] * 3 + [1 + patches] * 2
+    with pytest.raises(ClipkitError, match="needs patch_dropout"):
+        TrainConfig(train_data="t.csv", output="o", unmasked_steps=10)
+
+
 def test_patch_dropout_needs_a_vit(pairs, tmp_path):
     cfg = resolve_config("tiny", image_size=32)
     cfg.vision = model_config.VisionConfig("resnet10t", {})

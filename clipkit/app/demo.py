@@ -202,6 +202,8 @@ def _train(state: DemoState) -> None:
 
     cfg, out = state.cfg, state.out
     preset, extra = RECIPES[cfg.recipe]
+    if extra.get("patch_dropout"):  # FLIP's unmasked tuning over the last fifth (benchmarks/RESULTS.md)
+        extra = {**extra, "unmasked_steps": cfg.max_steps // 5}
     tcfg = TrainConfig(train_data=str(_train_table(state)), val_data=str(out / "data" / "val.csv"),
                        val_templates=state.templates, output=str(out / "run"), model=preset,
                        max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,

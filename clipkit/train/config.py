@@ -54,6 +54,7 @@ class TrainConfig:
     augment: bool = False
     style_augment: bool = False  # data.augment.StyleAugment: background colour, colour jitter, grey, blur, crops
     patch_dropout: float = 0.0  # a ViT image tower sees this fraction of its patches dropped per image (FLIP)
+    unmasked_steps: int = 0  # with patch_dropout: the run's last N steps see every patch (FLIP's unmasked tuning)
     cache_images: bool = True
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -76,11 +77,14 @@ class TrainConfig:
                    "wise_ft", "reference_data")  # WiSE-FT only evaluates after training
 
     # fields added later, with the value that reproduces what runs before them did (a missing field is that value)
-    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"patch_dropout": 0.0}
+    ADDED_DEFAULTS: ClassVar[dict[str, Any]] = {"patch_dropout": 0.0, "unmasked_steps": 0}
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ClipkitError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.unmasked_steps < 0 or (self.unmasked_steps and not self.patch_dropout):
+            raise ClipkitError(f"unmasked_steps ({self.unmasked_steps}) counts the last steps run without patch dropout:"
+                               " it needs patch_dropout > 0 and must be >= 0")
         if self.style_augment and not self.cache_images:
             raise ClipkitError("style_augment works on the decoded-image cache: drop --no-image-cache")
         if self.val_templates is not None:  # a bad template fails now, not at the first validation

@@ -176,6 +176,9 @@ class Trainer:
     def _step(self, batch: dict[str, Any], meter: _Meter) -> None:
         """One optimizer step, then the log line, checkpoint and `on_step` that fall due after it."""
         cfg, pos = self.cfg, self.pos
+        if cfg.patch_dropout:  # FLIP's unmasked tuning: the last `unmasked_steps` steps see every patch
+            self.model.visual.patch_drop.prob = 0.0 if pos.step >= self.total_steps - cfg.unmasked_steps \
+                else cfg.patch_dropout
         loss = self._train_step(batch)
         pos.step, pos.batch_in_epoch = pos.step + 1, pos.batch_in_epoch + 1
         meter.add(loss, len(batch["index"]))
