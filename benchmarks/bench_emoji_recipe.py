@@ -66,7 +66,8 @@ for _name in ("resnet18", "resnet10t", "convnext_atto"):
 KEYS = ["style_test_name_en/text_to_image_R@1", "style_test_zeroshot/top1", "style_test_name_en/text_to_image_R@10",
         "style_test_template_en/text_to_image_R@1", "style_test_name_ko/text_to_image_R@1",
         "style_zeroshot/top1", "style_name_en/text_to_image_R@1",
-        "zeroshot/top1", "zeroshot/top5", "test_name_en/text_to_image_R@1", "retrieval/text_to_image_R@1",
+        "zeroshot/top1", "zeroshot/top5", "test_name_en/text_to_image_R@1", "test_name_en/text_to_image_R@10",
+        "retrieval/text_to_image_R@1",
         "retrieval/text_to_image_R@10", "retrieval/image_to_text_R@1", "retrieval_en/text_to_image_R@10",
         "style_test_name_en/chance_text_to_image_R@1", "style_test_zeroshot/chance_top1"]
 
