@@ -130,7 +130,7 @@ class StyleAugment:
         for chosen, change in ((d.jitter, self._jitter), (d.grey, _grey), (d.blur, _blur)):
             i = chosen.nonzero()[:, 0]  # only the images drawn for this change
             if len(i):
-                x[i] = change(x[i], {k: v[i] for k, v in d._asdict().items() if k != "mask"})
+                x[i] = change(x[i], StyleDraw(*(v[i] for v in d)))
         boxes = torch.stack([d.top, d.left, d.height, d.width], 1)
         return _resized_crops(x, boxes, self.size).clamp_(0, 1)  # resampling can overshoot 1 by a rounding error
 
@@ -138,15 +138,15 @@ class StyleAugment:
         """One image: `draw` then `apply` (the training loader does the two apart, a batch at a time)."""
         return self.apply(x[None], default_collate([self.draw(x)]))[0]
 
-    def _jitter(self, x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
-        brightness, contrast, saturation = (_each(d[k].float()) for k in ("brightness", "contrast", "saturation"))
+    def _jitter(self, x: torch.Tensor, d: StyleDraw) -> torch.Tensor:
+        brightness, contrast, saturation = (_each(v.float()) for v in (d.brightness, d.contrast, d.saturation))
         x = x * brightness
         grey = (x * _GREY).sum(1, keepdim=True)
         mean = grey.mean((1, 2, 3), keepdim=True)
         x = (x - mean) * contrast + mean
         x = grey + (x - grey) * saturation
         if self.cfg.hue > 0:  # a small hue turn: rotate the chroma plane about the grey axis (YIQ)
-            x = _turn_hue(x, d["hue"])
+            x = _turn_hue(x, d.hue)
         return x.clamp_(0, 1)
 
 
@@ -163,14 +163,14 @@ def _turn_hue(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", _RGB @ rot @ _YIQ, x)
 
 
-def _grey(x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+def _grey(x: torch.Tensor, d: StyleDraw) -> torch.Tensor:
     return (x * _GREY).sum(1, keepdim=True).expand_as(x)
 
 
-def _blur(x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A 3x3 Gaussian blur of each [3, S, S] image of a batch with its own `d["sigma"]`, edges replicated."""
+def _blur(x: torch.Tensor, d: StyleDraw) -> torch.Tensor:
+    """A 3x3 Gaussian blur of each [3, S, S] image of a batch with its own `d.sigma`, edges replicated."""
     b, c, h, w = x.shape
-    sigma = d["sigma"].float()
+    sigma = d.sigma.float()
     k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma[:, None] ** 2))  # [B, 3]
     k = k[:, :, None] * k[:, None, :] / k.sum(1)[:, None, None] ** 2  # [B, 3, 3]
     weight = k[:, None].expand(b, c, 3, 3).reshape(b * c, 1, 3, 3)
