@@ -75,13 +75,15 @@ def main() -> None:
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
     ap.add_argument("--skip-teacher", action="store_true")
     ap.add_argument("--keywords", action="store_true", help="add CLDR keyword pairs (emojibase-data in the packs folder)")
+    ap.add_argument("--word-tokens", action="store_true", help="extend: single-word pairs become tokens started at "
+                    "their English word (DistillConfig.word_tokens)")
     ap.add_argument("--log", type=Path, default=Path("distill.jsonl"))
     args = ap.parse_args()
     tables = read_splits(args.data)
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
     pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude, keywords=keywords(args.keywords))
     record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
-              "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
+              "word_tokens": args.word_tokens, "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)
@@ -89,7 +91,8 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = distill_text(DistillConfig(model=args.model, parallel=str(args.out / "pairs.tsv"),
                                          output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False,
-                                         student=args.student, english_fraction=args.english_fraction))
+                                         student=args.student, english_fraction=args.english_fraction,
+                                         word_tokens=args.word_tokens))
     record["distill_seconds"] = round(time.perf_counter() - t0, 1)
     record["held_out_distance"] = [summary["held_out_distance_before"], summary["held_out_distance"]]
     record["tokenizer"] = {"added_tokens": summary["added_tokens"], "vocab": summary["vocab"]}

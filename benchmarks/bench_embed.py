@@ -83,7 +83,7 @@ def build_transformers() -> tuple:
     return CLIPModel(cfg).eval(), CLIPImageProcessor(), openai_clip_tokenizer(77).hf
 
 
-def image_runners(paths: list[str], batch: int) -> dict[str, Callable[[], None]]:
+def image_runners(paths: list[str], batch: int, peers: bool = True) -> dict[str, Callable[[], None]]:
     from PIL import Image
 
     ck = clipkit_embedder(batch)
@@ -112,8 +112,9 @@ def image_runners(paths: list[str], batch: int) -> dict[str, Callable[[], None]]
             for s in range(0, len(paths), batch):
                 ck.encoder.encode_image(pixels[s:s + batch])
 
-    return {"clipkit": lambda: ck.images(paths), "open_clip": open_clip_run, "transformers": hf_run,
-            "clipkit tower only (pre-decoded)": tower_only}
+    runners = {"clipkit": lambda: ck.images(paths), "open_clip": open_clip_run, "transformers": hf_run,
+               "clipkit tower only (pre-decoded)": tower_only}
+    return runners if peers else {k: runners[k] for k in ("clipkit", "clipkit tower only (pre-decoded)")}
 
 
 def text_runners(texts: list[str], batch: int) -> dict[str, Callable[[], None]]:
@@ -138,14 +139,16 @@ def text_runners(texts: list[str], batch: int) -> dict[str, Callable[[], None]]:
 
 
 def interleaved(runners: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call, the libraries taking turns each round (after one warm-up call each)."""
+    """Seconds per call, the libraries taking turns each round (after one warm-up call each); the order rotates
+    by one each round, so no runner always follows the same neighbour."""
     for run in runners.values():
         run()
+    names = list(runners)
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            run()
+            runners[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -171,6 +174,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-images", action="store_true")
     p.add_argument("--skip-texts", action="store_true")
+    p.add_argument("--skip-peers", action="store_true",
+                   help="images: only clipkit end to end and its tower alone (more rounds in the same time)")
     args = p.parse_args()
     from clipkit.model.precision import inference_precision
 
@@ -179,7 +184,7 @@ def main() -> int:
     if not args.skip_images:
         with tempfile.TemporaryDirectory() as d:
             paths = make_jpegs(Path(d), args.images)
-            times = interleaved(image_runners(paths, args.batch), args.rounds)
+            times = interleaved(image_runners(paths, args.batch, not args.skip_peers), args.rounds)
         report("images end to end from 640x480 JPEG files, ViT-B-32, batch %d" % args.batch, times, args.images,
                "images")
     if not args.skip_texts:

