@@ -61,6 +61,20 @@ def test_build_parallel_writes_a_table_distill_reads(tmp_path):
     assert CAT not in set(table["emoji"])
 
 
+def test_build_parallel_is_the_same_file_in_every_process(tmp_path):
+    """The aligned words came out in string-hash order, so each process wrote them in another order and the
+    distillation drew other batches: the demo's distilled figures moved between runs of the same commit."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from clipkit.data.datasets.parallel import build_parallel; build_parallel(sys.argv[1])"
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{seed}.tsv")], check=True, env=env)
+    assert (tmp_path / "1.tsv").read_bytes() == (tmp_path / "2.tsv").read_bytes()
+
+
 def test_extended_tokenizer_covers_korean_and_keeps_english():
     tok = clipkit.get_tokenizer("tiny-minilm")
     assert tok.hf.unk_token in tok.hf.tokenize("고양이")

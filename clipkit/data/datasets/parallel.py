@@ -99,6 +99,7 @@ def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5, 
             top, e = scored[0]
             if top >= min_dice and (len(scored) == 1 or scored[1][0] < top):
                 rows.append((e, x, lang, "word", ""))
+    rows.sort(key=lambda r: (r[2], r[1]))  # the sets above iterate in hash order, which differs per process
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
