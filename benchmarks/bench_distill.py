@@ -42,20 +42,27 @@ def keywords(wanted: bool) -> Optional[dict]:
 
 
 def read_splits(data: Path) -> dict[str, pd.DataFrame]:
-    tables = {s: pd.read_csv(data / f"{s}.csv", keep_default_na=False) for s in ("train", "val", "test")}
+    splits = ("train", "val", "test") + (("holdout",) if (data / "holdout.csv").exists() else ())  # + unseen style
+    tables = {s: pd.read_csv(data / f"{s}.csv", keep_default_na=False) for s in splits}
     for t in tables.values():
         t["image"] = str(data) + "/" + t["image"]
     return tables
 
 
 def evaluate(model: str, tables: dict[str, pd.DataFrame]) -> dict:
-    """R@1/R@10 of plain-name queries per language on the test split, and the top 5 of QUERIES over all images."""
+    """R@1/R@10 of plain-name queries per language on the test split (`style_`: its emoji in the held-out style),
+    and the top 5 of QUERIES over the images of the seen styles."""
     emb, test = Embedder(model, progress=False), tables["test"]
+    scopes = {"": test}
+    if "holdout" in tables:
+        scopes["style_"] = tables["holdout"][tables["holdout"]["emoji"].isin(set(test["emoji"]))]
     out = {}
-    for lang in ("en", "ko"):
-        m = eval_retrieval(emb, test[(test["lang"] == lang) & (test["form"] == "name")]).metrics
-        out[f"name_{lang}/R@1"], out[f"name_{lang}/R@10"] = m["text_to_image_R@1"], m["text_to_image_R@10"]
-    rows = pd.concat(tables.values())
+    for prefix, table in scopes.items():
+        for lang in ("en", "ko"):
+            m = eval_retrieval(emb, table[(table["lang"] == lang) & (table["form"] == "name")]).metrics
+            out[f"{prefix}name_{lang}/R@1"] = m["text_to_image_R@1"]
+            out[f"{prefix}name_{lang}/R@10"] = m["text_to_image_R@10"]
+    rows = pd.concat(tables[s] for s in ("train", "val", "test"))
     rows = rows[(rows["lang"] == "en") & (rows["form"] == "name")].drop_duplicates("image").reset_index(drop=True)
     index = SearchIndex.build(emb.images(rows["image"].tolist()), rows[["caption", "style"]], kind="flat")
     scores, ids = index.search(emb.texts(QUERIES), k=5)
@@ -75,15 +82,16 @@ def main() -> None:
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
     ap.add_argument("--skip-teacher", action="store_true")
     ap.add_argument("--keywords", action="store_true", help="add CLDR keyword pairs (emojibase-data in the packs folder)")
-    ap.add_argument("--word-tokens", action="store_true", help="extend: single-word pairs become tokens started at "
-                    "their English word (DistillConfig.word_tokens)")
+    ap.add_argument("--no-word-tokens", dest="word_tokens", action="store_false",
+                    help="extend: keep single-word pairs' words as syllables (DistillConfig.word_tokens off)")
+    ap.add_argument("--seed", type=int, default=0, help="the distillation's seed (held-out split, batches)")
     ap.add_argument("--log", type=Path, default=Path("distill.jsonl"))
     args = ap.parse_args()
     tables = read_splits(args.data)
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
     pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude, keywords=keywords(args.keywords))
     record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
-              "word_tokens": args.word_tokens, "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
+              "word_tokens": args.word_tokens, "seed": args.seed, "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)
@@ -92,7 +100,7 @@ def main() -> None:
     summary = distill_text(DistillConfig(model=args.model, parallel=str(args.out / "pairs.tsv"),
                                          output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False,
                                          student=args.student, english_fraction=args.english_fraction,
-                                         word_tokens=args.word_tokens))
+                                         word_tokens=args.word_tokens, seed=args.seed))
     record["distill_seconds"] = round(time.perf_counter() - t0, 1)
     record["held_out_distance"] = [summary["held_out_distance_before"], summary["held_out_distance"]]
     record["tokenizer"] = {"added_tokens": summary["added_tokens"], "vocab": summary["vocab"]}

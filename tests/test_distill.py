@@ -9,7 +9,7 @@ import torch
 
 import clipkit
 from clipkit.cli import main
-from clipkit.data.datasets.parallel import align_words, build_parallel, emoji_names, parallel_table
+from clipkit.data.datasets.parallel import align_words, build_parallel, emoji_names, parallel_table, word_stems
 from clipkit.model.config import minilm_dir
 from clipkit.train.distill import DistillConfig, Distiller, build_student, distill_text, extend_tokenizer, word_lexicon
 
@@ -25,6 +25,18 @@ def test_names_and_aligned_words():
     assert not names["en"].str.contains("skin tone").any()  # skin-tone variants are not separate concepts
     words = dict(zip(table.loc[table["kind"] == "word", "text"], table.loc[table["kind"] == "word", "en"]))
     assert words["사과"] == "apple" and words["고양이"] == "cat"
+
+
+def test_word_stems_align_across_inflections():
+    """A stem shared by inflected forms aligns with the English word of their names; whole words stay words."""
+    names = pd.DataFrame({"en": ["winking face", "winking cat face", "grinning face"], "lang": "ko",
+                          "text": ["윙크하는 얼굴", "윙크하면서 웃는 고양이 얼굴", "활짝 웃는 얼굴"]})
+    stems = align_words(names, x_units=word_stems, kind="stem")
+    assert dict(zip(stems["text"], stems["en"])) == {"윙크": "winking", "윙크하": "winking"}
+    assert (stems["kind"] == "stem").all()
+    table = parallel_table(("ko",))
+    found = table[table["kind"] == "stem"]
+    assert len(found) > 50 and not set(found["text"]) & set(table.loc[table["kind"] == "word", "text"])
 
 
 def test_excluded_concepts_leave_no_trace():

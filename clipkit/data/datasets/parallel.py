@@ -1,6 +1,7 @@
 """Parallel text from the `emoji` package: each emoji's English name beside its name in another language,
 plus single words aligned across names by co-occurrence ("사과" / "apple" from "빨간 사과" / "red apple" and
-"초록 사과" / "green apple"). This is the training data for distilling a text tower into other languages.
+"초록 사과" / "green apple"), and word stems aligned the same way ("윙크" / "winking" from "윙크하는 얼굴" and
+"윙크하면서 ..."). This is the training data for distilling a text tower into other languages.
 With CLDR keywords (`emoji.keywords.load_keywords`) each emoji's keyword lists are paired too, and their
 keywords aligned the same way ("고양이" / "cat" from the keywords of every cat emoji).
 
@@ -75,18 +76,25 @@ def _keywords(text: str) -> set[str]:
     return {k.strip() for k in text.split(",") if k.strip()}
 
 
+def word_stems(text: str, shortest: int = 2) -> set[str]:
+    """Every proper prefix of at least `shortest` characters of each word (윙크하는 -> 윙크, 윙크하)."""
+    return {w[:k] for w in text.split() for k in range(shortest, len(w))}
+
+
 def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5, units=_words,
-                langs: Iterable[str] = SPACED) -> pd.DataFrame:
+                langs: Iterable[str] = SPACED, x_units=None, kind: str = "word") -> pd.DataFrame:
     """Single-word pairs: for each word of a spaced language, the English word whose name sets it shares best.
 
     Dice(w, e) = 2 c(w, e) / (c(w) + c(e)) over names; a pair is kept when it appears in at least `min_count`
     names, its Dice is at least `min_dice`, and no other English word ties with it. `units` splits a text into
-    what is aligned (words; for keyword lists, the keywords).
+    what is aligned (words; for keyword lists, the keywords); `x_units`, if given, splits the other language's side
+    instead (`word_stems`: word prefixes, for languages that inflect).
     """
     rows = []
+    x_units = x_units or units
     for lang, part in names[names["lang"].isin(set(langs))].groupby("lang"):
         en_sets = [units(s) for s in part["en"]]
-        x_sets = [units(s) for s in part["text"]]
+        x_sets = [x_units(s) for s in part["text"]]
         c_en = Counter(w for s in en_sets for w in s)
         c_x = Counter(w for s in x_sets for w in s)
         both = Counter((x, e) for xs, es in zip(x_sets, en_sets) for x in xs for e in es)
@@ -98,21 +106,23 @@ def align_words(names: pd.DataFrame, min_count: int = 2, min_dice: float = 0.5, 
             scored.sort(reverse=True)
             top, e = scored[0]
             if top >= min_dice and (len(scored) == 1 or scored[1][0] < top):
-                rows.append((e, x, lang, "word", ""))
+                rows.append((e, x, lang, kind, ""))
     rows.sort(key=lambda r: (r[2], r[1]))  # the sets above iterate in hash order, which differs per process
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), words: bool = True,
                    keywords: Optional[dict[str, dict[str, str]]] = None) -> pd.DataFrame:
-    """Names, keyword lists (with `keywords`) and the words aligned in each, as one table with columns en, text,
-    lang, kind, emoji."""
+    """Names, keyword lists (with `keywords`) and the words (kind "word") and word stems ("stem") aligned in them,
+    as one table with columns en, text, lang, kind, emoji."""
     exclude = set(exclude)
     parts = [emoji_names(langs, exclude)]
     if keywords:
         parts.append(keyword_pairs(keywords, langs, exclude))
     if words:
         parts.append(align_words(parts[0]))
+        stems = align_words(parts[0], x_units=word_stems, kind="stem")
+        parts.append(stems[~stems["text"].isin(set(parts[-1]["text"]))])  # a prefix that is also a word stays a word
         if keywords:  # keywords already are words: every language aligns, not only the spaced ones
             parts.append(align_words(parts[1], units=_keywords, langs=langs))
     return pd.concat(parts).drop_duplicates(["en", "text", "lang", "kind"], ignore_index=True)  # a word found twice
