@@ -68,7 +68,7 @@ class DistillConfig:
     student: str = "extend"  # extend: the teacher's tower, tokenizer extended; bpe: fresh tower + byte-level BPE
     student_preset: str = "tiny"  # bpe: the preset whose CLIP text transformer (shape, BPE vocabulary) it takes
     word_tokens: bool = True  # extend: each single-word pair's word becomes one token, started at its English word
-    # (with the stem pairs, 2 seeds: Korean R@10 0.174 -> 0.212 on the demo, English at the teacher's: RESULTS.md)
+    # (with the stem pairs, 3 seeds: Korean R@10 0.167 -> 0.206 on the demo, English at the teacher's: RESULTS.md)
 
     def __post_init__(self) -> None:
         if self.student not in STUDENTS:
