@@ -91,7 +91,8 @@ def main() -> None:
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
     pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude, keywords=keywords(args.keywords))
     record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
-              "word_tokens": args.word_tokens, "seed": args.seed, "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
+              "word_tokens": args.word_tokens, "seed": args.seed, "pairs": pairs.pairs,
+              "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)

@@ -83,12 +83,16 @@ def build_model(cfg: TrainConfig, captions: list[str], out: Path, rank: int) -> 
 def set_patch_dropout(model: CLIPModel, rate: float) -> None:
     """Drop `rate` of each image's patch tokens in training (FLIP; open_clip's `patch_dropout`): fewer tokens per
     step, and a regulariser. timm's `PatchDropout` acts in train mode only, and holds no weights, so the saved
-    model and its config are those of the plain tower."""
+    model and its config are those of the plain tower. Called again, it only changes the rate (the trainer sets 0
+    for FLIP's unmasked tuning)."""
     visual = model.visual
     if not hasattr(visual, "patch_drop") or not hasattr(visual, "num_prefix_tokens"):
         raise ClipkitError(f"patch_dropout needs a timm ViT image tower; {type(visual).__name__} has no patch tokens "
                            "to drop")
-    visual.patch_drop = PatchDropout(rate, num_prefix_tokens=visual.num_prefix_tokens)
+    if isinstance(visual.patch_drop, PatchDropout):
+        visual.patch_drop.prob = rate
+    else:
+        visual.patch_drop = PatchDropout(rate, num_prefix_tokens=visual.num_prefix_tokens)
 
 
 def lock_towers(model: CLIPModel, cfg: TrainConfig) -> None:

@@ -29,7 +29,8 @@ from .config import TrainConfig, TrainingError, config_dict
 from .losses import create_loss, grad_cache_step
 from .runlog import RunLog
 from .runstate import Position, SaveHook
-from .setup import build_data, build_model, init_distributed, open_source, read_run_table, source_captions
+from .setup import (build_data, build_model, init_distributed, open_source, read_run_table, set_patch_dropout,
+                    source_captions)
 from .validation import evaluate_model, validation_score, wise_ft_sweep
 
 log = logging.getLogger("clipkit.train")
@@ -177,8 +178,8 @@ class Trainer:
         """One optimizer step, then the log line, checkpoint and `on_step` that fall due after it."""
         cfg, pos = self.cfg, self.pos
         if cfg.patch_dropout:  # FLIP's unmasked tuning: the last `unmasked_steps` steps see every patch
-            self.model.visual.patch_drop.prob = 0.0 if pos.step >= self.total_steps - cfg.unmasked_steps \
-                else cfg.patch_dropout
+            unmasked = pos.step >= self.total_steps - cfg.unmasked_steps
+            set_patch_dropout(self.model, 0.0 if unmasked else cfg.patch_dropout)
         loss = self._train_step(batch)
         pos.step, pos.batch_in_epoch = pos.step + 1, pos.batch_in_epoch + 1
         meter.add(loss, len(batch["index"]))

@@ -120,9 +120,9 @@ def parallel_table(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = (), 
     if keywords:
         parts.append(keyword_pairs(keywords, langs, exclude))
     if words:
-        parts.append(align_words(parts[0]))
+        words_found = align_words(parts[0])
         stems = align_words(parts[0], x_units=word_stems, kind="stem")
-        parts.append(stems[~stems["text"].isin(set(parts[-1]["text"]))])  # a prefix that is also a word stays a word
+        parts += [words_found, stems[~stems["text"].isin(set(words_found["text"]))]]  # a prefix that is a word stays one
         if keywords:  # keywords already are words: every language aligns, not only the spaced ones
             parts.append(align_words(parts[1], units=_keywords, langs=langs))
     return pd.concat(parts).drop_duplicates(["en", "text", "lang", "kind"], ignore_index=True)  # a word found twice
