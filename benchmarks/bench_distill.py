@@ -5,6 +5,7 @@ of the demo's short Korean queries over every image. One JSON line per run is ap
     clipkit data emoji --out emoji && clipkit train ... --output runs/emoji       # or a demo's data/ and model/
     python benchmarks/bench_distill.py --data emoji --model runs/emoji/best_model --out /tmp/d --steps 300
     python benchmarks/bench_distill.py ... --with-test-names      # the test emoji's names in, labelled as such
+    python benchmarks/bench_distill.py ... --tune tower   # train the whole text tower, not only the added tokens
     python benchmarks/bench_distill.py ... --student bpe --lr 1e-3  # a fresh text tower with a byte-level BPE
     python benchmarks/bench_distill.py ... --keywords     # + CLDR keyword-list pairs and the keywords aligned in them
 """
@@ -76,7 +77,8 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="the teacher: a model trained on that dataset")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, help="default: DistillConfig's (1e-3 for --tune tokens, 1e-4 for tower)")
+    ap.add_argument("--tune", choices=["tokens", "tower"], help="default: DistillConfig's (tokens for extend)")
     ap.add_argument("--student", choices=["extend", "bpe"], default="extend")
     ap.add_argument("--english-fraction", type=float, default=0.25)
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
@@ -100,9 +102,10 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = distill_text(DistillConfig(model=args.model, parallel=str(args.out / "pairs.tsv"),
                                          output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False,
-                                         student=args.student, english_fraction=args.english_fraction,
+                                         student=args.student, tune=args.tune, english_fraction=args.english_fraction,
                                          word_tokens=args.word_tokens, seed=args.seed))
     record["distill_seconds"] = round(time.perf_counter() - t0, 1)
+    record["tune"] = summary["tune"]
     record["held_out_distance"] = [summary["held_out_distance_before"], summary["held_out_distance"]]
     record["tokenizer"] = {"added_tokens": summary["added_tokens"], "vocab": summary["vocab"]}
     record["student"] = evaluate(summary["model_dir"], tables)

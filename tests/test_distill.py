@@ -144,19 +144,26 @@ def pairs(tmp_path_factory):
 
 def _cfg(teacher, pairs, out, **kw):
     return DistillConfig(model=str(teacher), parallel=str(pairs), output=str(out), progress=False,
-                         **{"steps": 30, "batch_size": 16, "lr": 3e-4, "warmup_steps": 5, "held_out": 0.1, **kw})
+                         **{"steps": 30, "batch_size": 16, "warmup_steps": 5, "held_out": 0.1, **kw})
 
 
-def test_distillation_brings_held_out_translations_to_the_teacher(teacher, pairs, tmp_path):
-    summary = distill_text(_cfg(teacher, pairs, tmp_path / "run"))
+@pytest.mark.parametrize("tune, lr", [("tokens", 3e-3), ("tower", 3e-4)])  # 30 steps: lr above the defaults
+def test_distillation_brings_held_out_translations_to_the_teacher(teacher, pairs, tmp_path, tune, lr):
+    """Either way the student learns pairs it never trained on; with tune="tokens" (the default) English texts
+    embed exactly as the teacher's, while training the tower moves them."""
+    summary = distill_text(_cfg(teacher, pairs, tmp_path / "run", tune=tune, lr=lr))
+    assert summary["tune"] == tune
     assert summary["held_out_distance"] < 0.8 * summary["held_out_distance_before"]  # pairs it never trained on
     assert summary["added_tokens"] > 100
     student, pre, tok = clipkit.load(tmp_path / "run" / "model")  # a normal clipkit model: nothing else needed
-    teach, _, _ = clipkit.load(teacher)
+    teach, _, teach_tok = clipkit.load(teacher)
     x = pre(clipkit.load_image(_red_square()))[None]
+    english = ["a red apple", "cat face", "two people holding hands"]
     with torch.no_grad():
         assert torch.equal(student.encode_image(x), teach.encode_image(x))  # the image tower is untouched
         assert student.encode_text(tok(["고양이"])).shape == (1, student.embed_dim)
+        same = torch.equal(student.encode_text(tok(english)), teach.encode_text(teach_tok(english)))
+    assert same == (tune == "tokens")
 
 
 def _red_square():
@@ -191,6 +198,8 @@ def test_bpe_student_is_a_fresh_byte_level_tower_that_learns(teacher, pairs, tmp
 def test_unknown_student_is_refused(teacher, pairs, tmp_path):
     with pytest.raises(clipkit.errors.ClipkitError, match="student must be one of"):
         _cfg(teacher, pairs, tmp_path, student="fresh")
+    with pytest.raises(clipkit.errors.ClipkitError, match="'tower' for the bpe student"):
+        _cfg(teacher, pairs, tmp_path, student="bpe", tune="tokens")
     with pytest.raises(clipkit.errors.ClipkitError, match="no fresh CLIP text transformer"):
         distill_text(_cfg(teacher, pairs, tmp_path / "r", student="bpe", student_preset="tiny-minilm", steps=1))
 

@@ -230,7 +230,7 @@ def _distill(state: DemoState) -> None:
         shutil.copytree(summary["model_dir"], tmp, dirs_exist_ok=True)
     state.metrics.update({f"distill/pairs_{k.replace('/', '_')}": n for k, n in pairs.pairs.items()})
     state.metrics.update({"distill/steps": summary["steps"], "distill/excluded_emoji": len(test_emoji),
-                          "distill/word_tokens": summary["word_tokens"],
+                          "distill/word_tokens": summary["word_tokens"], "distill/tune": summary["tune"],
                           "distill/held_out_distance_before": summary["held_out_distance_before"],
                           "distill/held_out_distance": summary["held_out_distance"]})
 
@@ -443,7 +443,9 @@ def _multilingual_section(m: dict[str, Any], cfg: DemoConfig) -> Optional[Sectio
     note = (f"The text tower was distilled for {m['distill/steps']} steps on {sum(pairs.values())} parallel pairs "
             f"from the emoji package ({', '.join(f'{k}: {v}' for k, v in pairs.items())}), none naming a test emoji; "
             f"{m.get('distill/word_tokens', 0)} words of the single-word pairs started at their English word; "
-            f"the image tower is the same, so the index is unchanged. Search above uses {MULTILINGUAL}.")
+            + ("only the added tokens trained, so English queries embed exactly as before; "
+               if m.get("distill/tune") == "tokens" else "")
+            + f"the image tower is the same, so the index is unchanged. Search above uses {MULTILINGUAL}.")
     return Section(f"Queries in {', '.join(cfg.distill_langs)}: before and after distillation", [note],
                    tables=[(["unseen emoji, query set", "R@1 before", "R@10 before", "R@1 after", "R@10 after"], rows)])
 

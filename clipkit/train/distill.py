@@ -4,9 +4,10 @@ sentence in language X where the frozen teacher (the model's own text tower) put
 Two students (`DistillConfig.student`). "extend" (the default, and what won the measurement in
 benchmarks/RESULTS.md): a copy of the teacher whose tokenizer gains one token per character it could not represent
 as a single token (Hangul syllables, CJK ideographs, ...), so English keeps its meaning; each word of a single-word
-pair ("고양이" / "cat") also becomes one token that starts at its English word's embedding. "bpe": a fresh CLIP text
-transformer (a preset's shape) with a byte-level BPE trained on both columns of the parallel table. Either way
-English sentences are trained to stay where the teacher puts them, and the image tower is untouched: every
+pair ("고양이" / "cat") also becomes one token that starts at its English word's embedding. By default only those
+added tokens' embeddings train (`tune="tokens"`): the tower stays the teacher's, so English embeds exactly as before.
+"bpe": a fresh CLIP text transformer (a preset's shape) with a byte-level BPE trained on both columns of the parallel
+table, trained whole with English kept where the teacher puts it. The image tower is untouched either way: every
 existing index and embedding stays valid. The result is a normal clipkit model directory.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ from .trainer import cosine_with_warmup, param_groups
 
 log = logging.getLogger("clipkit.train")
 STUDENTS = ("extend", "bpe")
+TUNES = ("tokens", "tower")
 
 
 @dataclass
@@ -52,11 +54,11 @@ class DistillConfig:
     output: str
     steps: int = 600
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None: 1e-3 when only the added tokens train, 1e-4 for a whole tower
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    english_fraction: float = 0.25  # share of each batch that is English -> English (keeps English in place; 0.10
-    # gave Korean +2 points but cost the demo's English R@10 2 points: benchmarks/RESULTS.md)
+    english_fraction: float = 0.25  # tune "tower": share of each batch that is English -> English (keeps English in
+    # place; 0.10 gave Korean +2 points but cost the demo's English R@10 2 points: benchmarks/RESULTS.md)
     held_out: float = 0.05  # share of the pairs kept out of training to measure the distance on
     seed: int = 0
     precision: str = "auto"  # the training step (on CPU): bf16 autocast where the CPU multiplies bf16 natively
@@ -68,11 +70,18 @@ class DistillConfig:
     student: str = "extend"  # extend: the teacher's tower, tokenizer extended; bpe: fresh tower + byte-level BPE
     student_preset: str = "tiny"  # bpe: the preset whose CLIP text transformer (shape, BPE vocabulary) it takes
     word_tokens: bool = True  # extend: each single-word pair's word becomes one token, started at its English word
-    # (with the stem pairs, 3 seeds: Korean R@10 0.167 -> 0.206 on the demo, English at the teacher's: RESULTS.md)
+    tune: Optional[str] = None  # tokens: only the added tokens' input embeddings train, so every English text embeds
+    # exactly as the teacher's (the default for extend); tower: the whole text tower and projection (bpe: always)
 
     def __post_init__(self) -> None:
         if self.student not in STUDENTS:
             raise DataError(f"student must be one of {STUDENTS}, got {self.student!r}")
+        self.tune = self.tune or ("tokens" if self.student == "extend" else "tower")
+        if self.tune not in TUNES or (self.student == "bpe" and self.tune == "tokens"):
+            raise DataError(f"tune must be one of {TUNES} ('tower' for the bpe student, whose tower is new), "
+                            f"got {self.tune!r}")
+        if self.lr is None:
+            self.lr = 1e-3 if self.tune == "tokens" else 1e-4
 
 
 def read_parallel(path: str | Path) -> pd.DataFrame:
@@ -156,6 +165,20 @@ def build_bpe_student(teacher: CLIPModel, texts: Iterable[str], preset: str, sav
     return _train_text_only(student, teacher), tok
 
 
+def train_new_tokens_only(student: CLIPModel, added: int) -> torch.nn.Parameter:
+    """Freeze the text tower but for the input embeddings of its last `added` tokens; returns that embedding table.
+
+    The other rows get no gradient (so Adam, without weight decay, never moves them): a text made of the teacher's
+    own tokens, every English one, embeds exactly as the teacher's."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    table = student.text.get_input_embeddings().weight
+    table.requires_grad_(True)
+    old = table.shape[0] - added
+    table.register_hook(lambda g: torch.cat([torch.zeros_like(g[:old]), g[old:]]))
+    return table
+
+
 def _train_text_only(student: CLIPModel, teacher: CLIPModel) -> CLIPModel:
     """Freeze all but the text tower and its projection; record the teacher's joint space as the student's."""
     student.config.text_space = teacher.config.text_space or teacher.fingerprint()
@@ -198,8 +221,10 @@ class Distiller:
         english = sorted(set(self.train_pairs["en"]) | set(self.val_pairs["en"]))
         self.target_row = {s: i for i, s in enumerate(english)}
         self.targets = embed_texts(teacher, tok, english)  # [E, D]: where the teacher puts each English sentence
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay, cfg.lr), lr=cfg.lr,
-                                           fused=True)  # one kernel: the per-tensor loop took 0.18 s of a 0.7 s step
+        groups = (param_groups(self.student, cfg.weight_decay, cfg.lr) if cfg.tune == "tower"
+                  else [{"params": [train_new_tokens_only(self.student, self.added)], "weight_decay": 0.0}])
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)  # fused: the per-tensor loop took 0.18 s
+        # of a 0.7 s step
         self.scheduler = cosine_with_warmup(self.optimizer, min(cfg.warmup_steps, cfg.steps // 2), cfg.steps)
         self.step = 0
         self.config = json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -221,7 +246,8 @@ class Distiller:
     def _batch(self, step: int) -> tuple[list[str], torch.Tensor]:
         """Batch `step` (a pure function of the seed and step, so a resumed run draws the same ones)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        n_en = int(round(self.cfg.english_fraction * self.cfg.batch_size))
+        share = self.cfg.english_fraction if self.cfg.tune == "tower" else 0.0  # tokens: English cannot move
+        n_en = int(round(share * self.cfg.batch_size))
         pairs = self.train_pairs.iloc[torch.randint(len(self.train_pairs), (self.cfg.batch_size - n_en,), generator=g)]
         english = list(self.target_row)
         en_rows = [english[i] for i in torch.randint(len(english), (n_en,), generator=g)]
@@ -265,7 +291,7 @@ class Distiller:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self._save()
         model_dir = save(self.student, self.tokenizer, self.out / "model")
-        summary = {"steps": self.step, "student": cfg.student, "added_tokens": self.added,
+        summary = {"steps": self.step, "student": cfg.student, "tune": cfg.tune, "added_tokens": self.added,
                    "word_tokens": len(self.lexicon),
                    "vocab": self.tokenizer.vocab_size, "train_pairs": len(self.train_pairs),
                    "held_out_pairs": len(self.val_pairs), "held_out_distance_before": before,
