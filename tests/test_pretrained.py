@@ -27,6 +27,7 @@ from helpers import hub_repo, make_hf_clip, offline_env, offline_hub, random_ima
 TOL = 1e-4
 CAPTIONS = ["a photo of a cat", "two dogs in the snow", "x"]
 TINY_CLIP = "clipkit-test/tiny-clip"
+SHARDED_CLIP = "clipkit-test/tiny-clip-sharded"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TIMM_TEST = "test_vit.r160_in1k"  # timm's own test model: 0.3M parameters, pretrained weights on timm/
 
@@ -75,6 +76,10 @@ def hf_home(tmp_path_factory) -> Path:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3],
                        image_std=[0.2, 0.25, 0.3], resample=2).save_pretrained(str(clip_dir))
     hub_repo(home, TINY_CLIP, files_of(clip_dir))
+    sharded = work / "tiny-clip-sharded"  # as big checkpoints come: model.safetensors.index.json + shards
+    make_hf_clip(257).save_pretrained(str(sharded), max_shard_size="40KB")
+    small_clip_tokenizer().save_pretrained(str(sharded))
+    hub_repo(home, SHARDED_CLIP, files_of(sharded))
     hub_repo(home, "clipkit-test/no-weights", files_of(clip_dir, drop=("model.safetensors",)))
     remote = json.loads((clip_dir / "config.json").read_text())
     remote["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
@@ -144,6 +149,26 @@ def test_hf_hub_clip_repo_matches_transformers(hub) -> None:
     assert max_diff(val_pre(img), theirs) < 0.05  # transformers resizes in float, PIL in uint8: within rounding
     loaded, _, _ = clipkit.load(f"hf-hub:{TINY_CLIP}")
     assert loaded.fingerprint() == model.fingerprint()
+
+
+def test_sharded_hf_clip_repo_loads_every_shard(hub, tmp_path) -> None:
+    """A repository whose weights are model.safetensors.index.json + shards (ViT-bigG's are) loads, by hub name and
+    from a directory, with the same weights as the whole file; a missing shard is a one-line error."""
+    snapshot = next((hub / "hub" / f"models--{SHARDED_CLIP.replace('/', '--')}" / "snapshots").iterdir())
+    assert len(list(snapshot.glob("model-*-of-*.safetensors"))) > 3 and not (snapshot / "model.safetensors").exists()
+    whole = clipkit.load(f"hf-hub:{TINY_CLIP}")[0].state_dict()
+    by_name = clipkit.load(f"hf-hub:{SHARDED_CLIP}")[0].state_dict()
+    from_dir = clipkit.load(str(snapshot))[0].state_dict()
+    assert whole.keys() == by_name.keys() == from_dir.keys()
+    assert all(torch.equal(whole[k], by_name[k]) and torch.equal(whole[k], from_dir[k]) for k in whole)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in snapshot.iterdir():
+        if not f.name.startswith("model-00002-"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError) as e:
+        clipkit.load(str(broken))
+    assert "model-00002-" in one_line(e) and "missing" in str(e.value)
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])

@@ -20,7 +20,7 @@ from ..model.factory import OPENAI_VOCAB, bind_tokenizer, tokenizer_for
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..model.towers import refuse_remote_code
 from .layout import RenameTable, read_json, rename
-from .weights import PathLike, StateDict, load_state, read_safetensors, safe_torch_load
+from .weights import PathLike, StateDict, load_state, read_weights_dir
 
 WEIGHTS = "model.safetensors"
 LEGACY_EOS = 2  # transformers reads eos_token_id == 2 as the legacy config: pool at the largest token id
@@ -150,8 +150,7 @@ def read(path: Path) -> tuple[ModelConfig, StateDict, Tokenizer]:
     """A Hugging Face CLIP directory as (config, clipkit state dict, tokenizer); remote code is refused."""
     hf_cfg = read_json(path / "config.json")
     refuse_remote_code(hf_cfg, str(path))
-    weights = path / WEIGHTS
-    sd = read_safetensors(weights) if weights.exists() else safe_torch_load(path / "pytorch_model.bin")
+    sd = read_weights_dir(path)
     tok = read_tokenizer(path, hf_cfg)
     own = _has_tokenizer(path)  # its own tokenizer files: the config's token ids stay as they are
     cfg = config_from_hf(hf_cfg, tok.eot_token_id if own else None)

@@ -30,6 +30,27 @@ def read_safetensors(path: PathLike) -> StateDict:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
+def read_weights_dir(path: Path, names: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")) -> StateDict:
+    """The state dict of a transformers-style directory: the first of `names` it has, whole or sharded
+    (`NAME.index.json` beside its shards, as `save_pretrained(max_shard_size=...)` writes them)."""
+    from ..model.hubfiles import INDEX_SUFFIX, shard_files
+
+    def read(file: Path) -> StateDict:
+        return read_safetensors(file) if file.suffix == ".safetensors" else safe_torch_load(file)
+
+    for name in names:
+        if (path / name).is_file():
+            return read(path / name)
+        if (path / (name + INDEX_SUFFIX)).is_file():
+            sd: StateDict = {}
+            for shard in shard_files(path / (name + INDEX_SUFFIX)):
+                if not (path / shard).is_file():
+                    raise CheckpointError(f"{path}: shard {shard} of {name}{INDEX_SUFFIX} is missing")
+                sd.update(read(path / shard))
+            return sd
+    raise CheckpointError(f"{path}: no weights (none of {', '.join(names)}, whole or sharded)")
+
+
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:

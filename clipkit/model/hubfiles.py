@@ -15,6 +15,7 @@ HUB_PREFIX = "hf-hub:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # safetensors first; a .bin only when the repo has no other
+INDEX_SUFFIX = ".index.json"  # a sharded checkpoint: "model.safetensors.index.json" names its shard files
 
 
 def split_repo(spec: str) -> tuple[str, Optional[str]]:
@@ -70,19 +71,41 @@ def hub_file(repo: str, filename: str, revision: Optional[str] = None, optional:
         raise hub_error(repo, filename, e) from None
 
 
-def hub_first(repo: str, filenames: Sequence[str], revision: Optional[str] = None) -> Path:
-    """The first of `filenames` that the repository (or, offline, the cache) has: safetensors before .bin."""
+def hub_first(repo: str, filenames: Sequence[str], revision: Optional[str] = None, shards: bool = False) -> Path:
+    """The first of `filenames` that the repository (or, offline, the cache) has: safetensors before .bin. With
+    `shards`, a name's sharded form counts too (`NAME.index.json` and every shard it lists, which are fetched); the
+    index's path is returned then."""
     for name in filenames:
         path = hub_file(repo, name, revision, optional=True)
         if path is not None:
             return path
+        index = hub_file(repo, name + INDEX_SUFFIX, revision, optional=True) if shards else None
+        if index is not None:
+            for shard in shard_files(index):
+                hub_file(repo, shard, revision)
+            return index
     from huggingface_hub import is_offline_mode
 
+    wanted = ", ".join(f"{n} (or {n}{INDEX_SUFFIX} and its shards)" if shards else n for n in filenames)
     if is_offline_mode():
-        raise CheckpointError(f"hf-hub:{repo}: none of {', '.join(filenames)} is in the Hugging Face cache "
+        raise CheckpointError(f"hf-hub:{repo}: none of {wanted} is in the Hugging Face cache "
                               f"({cache_dir()}) and offline mode is on (HF_HUB_OFFLINE=1); download one once with "
                               f"network access: hf download {repo} {filenames[0]}")
-    raise CheckpointError(f"hf-hub:{repo}: the repository has none of {', '.join(filenames)}")
+    raise CheckpointError(f"hf-hub:{repo}: the repository has none of {wanted}")
+
+
+def shard_files(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index (`weight_map`: tensor name -> file) lists, in order."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a sharded-checkpoint index ({e})") from None
+    if not files or any(Path(f).name != f for f in files):  # names only: an index never points outside its folder
+        raise CheckpointError(f"{index}: its weight_map must name shard files in the same folder")
+    return files
 
 
 def hub_model_dir(spec: str, check_config: Optional[Callable[[Path], None]], weights: Sequence[str] = WEIGHTS,
@@ -94,7 +117,7 @@ def hub_model_dir(spec: str, check_config: Optional[Callable[[Path], None]], wei
     if check_config is not None:
         check_config(config)
     if weights:
-        hub_first(repo, weights, revision)
+        hub_first(repo, weights, revision, shards=True)
     for name in extra:
         hub_file(repo, name, revision, optional=True)
     return config.parent  # every file of one revision lands in the same snapshot folder
