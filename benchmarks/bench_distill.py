@@ -8,6 +8,7 @@ of the demo's short Korean queries over every image. One JSON line per run is ap
     python benchmarks/bench_distill.py ... --tune tower   # train the whole text tower, not only the added tokens
     python benchmarks/bench_distill.py ... --student bpe --lr 1e-3  # a fresh text tower with a byte-level BPE
     python benchmarks/bench_distill.py ... --keywords     # + CLDR keyword-list pairs and the keywords aligned in them
+    python benchmarks/distill_coverage.py --data emoji --model /tmp/d/run/model --parallel /tmp/d/pairs.tsv  # where Korean is lost
 """
 from __future__ import annotations
 
