@@ -44,6 +44,13 @@ def _best_ranks(queries: np.ndarray, gallery: np.ndarray, rel: sparse.csr_matrix
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
+def text_to_image_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: Any) -> np.ndarray:
+    """Per text query, the 1-based rank of its best relevant image (`text_to_image` as in `retrieval_metrics`;
+    ties count against the model): the per-query view behind text->image Recall@k."""
+    image_emb, text_emb = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
+    return _best_ranks(text_emb, image_emb, _relevance(text_to_image, len(image_emb)))
+
+
 def retrieval_metrics(
     image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: Any, ks: Sequence[int] = RETRIEVAL_KS
 ) -> dict[str, float]:
@@ -60,7 +67,7 @@ def retrieval_metrics(
                          f"{len(text_emb)} texts, {len(text_to_image)} entries")
     rel = _relevance(text_to_image, len(image_emb))  # [Nt, Ni]
     captioned = np.flatnonzero(np.diff(rel.tocsc().indptr) > 0)
-    t2i_ranks = _best_ranks(text_emb, image_emb, rel)
+    t2i_ranks = text_to_image_ranks(image_emb, text_emb, text_to_image)
     i2t_ranks = _best_ranks(image_emb[captioned], text_emb, rel.T.tocsr()[captioned])
     out: dict[str, float] = {"num_images": len(image_emb), "num_texts": len(text_emb)}
     for name, ranks in (("text_to_image", t2i_ranks), ("image_to_text", i2t_ranks)):
