@@ -489,8 +489,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     fields = set(DistillConfig.__dataclass_fields__)
     s = distill_text(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
-    student = (f"{s['added_tokens']} tokens added, {s['word_tokens']} of them words started at their English; "
-               f"trained: {'the added tokens only' if s['tune'] == 'tokens' else 'the whole text tower'}"
+    student = (f"{s['added_tokens']} tokens added, {s['word_tokens']} started at their English word; --tune {s['tune']}"
                if s["student"] == "extend"
                else f"fresh text tower, byte-level BPE of {s['vocab']} tokens")
     print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({student}); "
@@ -508,15 +507,13 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 for --tune tokens, 1e-4 for tower)")
-    p.add_argument("--tune", choices=["tokens", "tower"], help="tokens (default for extend): train only the added "
-                   "tokens' embeddings, so English embeds exactly as the teacher's; tower: the whole text tower")
-    p.add_argument("--english-fraction", type=float, help="--tune tower: share of each batch kept English -> English "
-                   "(default 0.25)")
+    p.add_argument("--tune", choices=["tokens", "tower"], help="tokens (extend's default): only the added tokens "
+                   "train, so English embeds exactly as the teacher's; tower: the whole text tower")
+    p.add_argument("--english-fraction", type=float, help="--tune tower: English -> English share of a batch (0.25)")
     p.add_argument("--student", choices=["extend", "bpe"], help="extend (default): the teacher's text tower, its "
                    "tokenizer extended; bpe: a fresh tower with a byte-level BPE trained on both columns")
     p.add_argument("--no-word-tokens", dest="word_tokens", action="store_false", default=None,
-                   help="extend: keep words of single-word pairs as characters (default: one token each, started "
-                   "at its English word's embedding)")
+                   help="extend: keep single-word pairs' words as characters (default: one token each, at its English)")
     p.add_argument("--student-preset", help="bpe: the preset whose CLIP text transformer shape it takes (default tiny)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="training step precision (default auto)")
     p.add_argument("--seed", type=int)
