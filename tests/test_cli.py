@@ -10,6 +10,7 @@ import pytest
 
 import clipkit
 from clipkit.cli import build_parser, main
+from clipkit.model.precision import cpu_has_native_bf16
 from helpers import make_emoji_packs
 
 
@@ -36,6 +37,8 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| unseen emoji | seen styles | chance | unseen style (fluent) | chance |" in printed
     assert "text->image R@1, plain English names" in printed and "clipkit serve --index" in printed
+    assert f"threads, {'native' if cpu_has_native_bf16() else 'no native'} bf16: trained in" \
+        in printed  # the figures depend on the machine's precision: the table says which
     for name in ("data/train.csv", "data/holdout.csv", "model/model.safetensors", "index/index.faiss", "metrics.json",
                  "report.html", "search_text.png", "search_image.png", "few_shot.png"):
         assert (out / name).exists(), name
@@ -46,6 +49,7 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
             assert 0.0 <= metrics[f"{scope}_{query}/text_to_image_R@1"] <= 1.0, (scope, query)
     assert metrics["style_zeroshot/num_samples"] == 40 > metrics["style_test_zeroshot/num_samples"] > 0
     assert metrics["data/holdout"] == "fluent" and metrics["data/styles"] == "openmoji,noto,fluent"
+    assert metrics["machine/train_precision"] in ("fp32", "bf16") and metrics["machine/device"]
     config = json.loads((out / "run" / "train_config.json").read_text())
     templates = config["val_templates"]
     assert metrics["zeroshot/num_templates"] == len(templates) == 5 and "an emoji of {}." in templates  # the dataset's

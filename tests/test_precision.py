@@ -32,6 +32,21 @@ def test_auto_follows_the_cpu(bf16_cpu) -> None:
     assert P.training_precision("auto", torch.device("cpu")) == "fp32"
 
 
+def test_hardware_summary_names_the_cpu_and_what_auto_chose(bf16_cpu, monkeypatch) -> None:
+    """What the demo records beside its figures: they differ between bf16 and fp32 machines."""
+    monkeypatch.setattr(P, "_cpuinfo_field", lambda *names: "Test CPU 9000" if "model name" in names else "")
+    bf16_cpu(False)
+    hw = P.hardware_summary("cpu")
+    assert hw == {"device": "Test CPU 9000", "threads": torch.get_num_threads(), "native_bf16": False,
+                  "train_precision": "fp32", "image_precision": "fp32", "text_precision": "fp32"}
+    bf16_cpu(True)
+    hw = P.hardware_summary(torch.device("cpu"))
+    assert (hw["native_bf16"], hw["train_precision"], hw["image_precision"], hw["text_precision"]) == \
+        (True, "bf16", "bf16", "fp32")
+    monkeypatch.setattr(P, "_cpuinfo_field", lambda *names: "")  # no /proc/cpuinfo: the platform's word
+    assert P.cpu_name()
+
+
 def test_overrides_and_refusals(bf16_cpu) -> None:
     bf16_cpu(False)
     for name in ("fp32", "bf16", "fp16"):

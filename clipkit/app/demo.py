@@ -58,7 +58,7 @@ def metric_key(scope: str, group: str, name: str) -> str:
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults are the README's run (about 18 minutes on 2 CPU cores, see its Results)."""
+    """Knobs of the demo; the defaults are the README's run (about 10-11 minutes on 2 CPU cores, see its Results)."""
 
     out: str = "demo"
     seed: int = 0
@@ -126,7 +126,7 @@ class DemoResult:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append(f"| best-of-{m.get('rerank/n_candidates', 8)} rerank top-1 | {_cell(m, 'rerank/best_of_n_top1')} "
                      f"| {_cell(m, 'rerank/chance_best_of_n_top1')} | | |")
-        return "\n".join(lines)
+        return "\n".join(lines + ["", f"On {machine_line(m)}."])
 
 
 def _say(cfg: DemoConfig, step: int, total: int, text: str) -> None:
@@ -149,6 +149,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         ("writing metrics.json and report.html", _report),
     ]
     state = DemoState(cfg, out)
+    _machine(state)
     stages = [(what, stage) for what, stage in stages if stage is not _distill or cfg.distill_steps]
     for i, (what, stage) in enumerate(stages, 1):
         _say(cfg, i, len(stages), what)
@@ -157,6 +158,27 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         # every stage's wall time; the report stage's own is missing from metrics.json, which it writes
         state.metrics[f"seconds/{stage.__name__.lstrip('_')}"] = round(time.perf_counter() - t0, 1)
     return DemoResult(out, state.metrics, time.perf_counter() - start)
+
+
+def _machine(state: DemoState) -> None:
+    """Record (and say) the processor and the precisions `auto` chose: the trained figures depend on them."""
+    from ..embed import default_device
+    from ..model.precision import hardware_summary
+
+    hw = hardware_summary(default_device())
+    state.metrics.update({f"machine/{k}": v for k, v in hw.items()})
+    if state.cfg.progress:
+        print(f"  {machine_line(state.metrics)}", flush=True)
+
+
+def machine_line(metrics: dict[str, Any]) -> str:
+    """One line on where the figures come from, e.g. "AMD EPYC, 2 threads, trained in fp32 (no native bf16)"."""
+    if "machine/device" not in metrics:
+        return "machine not recorded"
+    bf16 = "native bf16" if metrics["machine/native_bf16"] else "no native bf16"
+    return (f"{metrics['machine/device']}, {metrics['machine/threads']} threads, {bf16}: trained in "
+            f"{metrics['machine/train_precision']}, image tower {metrics['machine/image_precision']}, text tower "
+            f"{metrics['machine/text_precision']} (precision auto)")
 
 
 def _data(state: DemoState) -> None:
@@ -477,7 +499,9 @@ def demo_sections(state: DemoState) -> list[Section]:
                                 tables=[(list(wide.columns), [[int(r[0]), *r[1:]] for r in wide.values.tolist()])],
                                 images=[(out / "few_shot.png", "top-1 vs shots per class")]))
     sections.append(Section("Training", [f"recipe {cfg.recipe}, {m.get('train/steps')} steps; "
-                                         f"model from the {m.get('train/model_from')}"],
+                                         f"model from the {m.get('train/model_from')}",
+                                         f"On {machine_line(m)}: runs of the same seed in bf16 and in fp32 "
+                                         "give different figures."],
                             images=[(out / "run" / "loss_curve.png", "training loss")]))
     search_rows = [[q, "; ".join(f"{c} ({sc:.3f})" for c, sc in top)] for q, top in state.search.items()]
     sections.append(Section("Search", ["Text queries in English and Korean, then an image query, over the whole index."],

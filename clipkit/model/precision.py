@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ContextManager, Sequence, Union
+from typing import Any, ContextManager, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,15 +26,26 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def _proc_cpuinfo_flags() -> set[str]:
+def _cpuinfo_field(*names: str) -> str:
+    """The first value of one of `names` in /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        key, _, value = line.partition(":")
+        if key.strip() in names:
+            return value.strip()
+    return ""
+
+
+def _proc_cpuinfo_flags() -> set[str]:
+    return set(_cpuinfo_field("flags", "Features").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, e.g. "AMD EPYC" (/proc/cpuinfo; the platform's word for it elsewhere)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)
@@ -92,6 +104,18 @@ def inference_precision(precision: str, device: Union[str, torch.device]) -> Tow
     if precision == "auto" or resolved == "int8":
         return TowerPrecision(image=resolved, text="fp32")
     return TowerPrecision(image=resolved, text=resolved)
+
+
+def hardware_summary(device: Union[str, torch.device]) -> dict[str, Any]:
+    """What `auto` found on `device` and chose: the processor, torch's threads, native bf16 and the resolved
+    precisions. Trained figures depend on it (bf16 and fp32 runs of the same seed differ), so the demo records it."""
+    dev = torch.device(device)
+    towers = inference_precision("auto", dev)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+            "threads": torch.get_num_threads(),
+            "native_bf16": torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_native_bf16(),
+            "train_precision": training_precision("auto", dev),
+            "image_precision": towers.image, "text_precision": towers.text}
 
 
 def autocast(precision: str, device: Union[str, torch.device]) -> ContextManager:
