@@ -1,6 +1,7 @@
 """Multilingual distillation: parallel names from the emoji package, tokenizer extension, the student run."""
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pandas as pd
@@ -110,14 +111,27 @@ def test_extended_tokenizer_covers_korean_and_keeps_english():
 
 def test_word_tokens_start_where_the_teacher_puts_their_english_word():
     """A lexicon word is one token (longest match over its syllables) whose embedding starts at its English
-    word's, so "고양이 얼굴" starts exactly where the teacher puts "cat face"; other words keep their syllables."""
+    word's, so "고양이 얼굴" starts exactly where the teacher puts "cat face"; other words keep their syllables,
+    which start at the mean of the teacher's rows, without transformers' notice on the console."""
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(0)
     model, tok = clipkit.create_model_and_tokenizer("tiny-minilm")
     pairs = pd.DataFrame({"en": ["cat", "face", "cat", "kitten", "red apple"],
                           "text": ["고양이", "얼굴", "고양이", "고양이", "빨간 사과"]})
     lexicon = word_lexicon(pairs)
     assert lexicon == {"고양이": "cat", "얼굴": "face"}  # most frequent English word; phrases are no lexicon
-    student, ext, added = build_student(model, tok, pairs["text"], lexicon)
+    level, notices = hf_logging.get_verbosity(), []
+    handler = logging.Handler()
+    handler.emit = lambda record: notices.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        student, ext, added = build_student(model, tok, pairs["text"], lexicon)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [n for n in notices if "multivariate normal" in n] and hf_logging.get_verbosity() == level
+    old_rows, table = model.text.get_input_embeddings().weight, student.text.get_input_embeddings().weight
+    torch.testing.assert_close(table[ext.hf.convert_tokens_to_ids("빨")], old_rows.mean(0), atol=1e-3, rtol=0)
     assert ext.hf.tokenize("고양이 얼굴") == ["고양이", "얼굴"] and ext.hf.tokenize("고양이얼굴") == ["고양이", "얼굴"]
     assert ext.hf.tokenize("빨간 사과") == ["빨", "간", "사", "과"]
     model.eval(), student.eval()

@@ -133,12 +133,20 @@ def build_student(teacher: CLIPModel, tokenizer: Tokenizer, texts: Iterable[str]
     """A copy of `teacher` whose text tower's vocabulary is extended for `texts`; returns (student, tokenizer, added).
 
     Each word of `lexicon` ({word: English word}) becomes one token whose input embedding starts at the mean of
-    its English word's (so "사과" starts as "apple" does: a bilingual lexicon's vocabulary transfer)."""
+    its English word's (so "사과" starts as "apple" does: a bilingual lexicon's vocabulary transfer); the other new
+    tokens start at the mean of the teacher's rows (transformers' `mean_resizing`, whose notice is kept quiet)."""
+    from transformers.utils import logging as hf_logging
+
     lexicon = lexicon or {}
     tok, added = extend_tokenizer(tokenizer, texts, lexicon)
     student = copy.deepcopy(teacher)
     if added:
-        student.text.resize_token_embeddings(len(tok.hf))
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            student.text.resize_token_embeddings(len(tok.hf), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(level)
         student.config.text.hf_config["vocab_size"] = len(tok.hf)
         table = student.text.get_input_embeddings().weight
         with torch.no_grad():
