@@ -172,7 +172,7 @@ def _machine(state: DemoState) -> None:
 
 
 def machine_line(metrics: dict[str, Any]) -> str:
-    """One line on where the figures come from, e.g. "AMD EPYC, 2 threads, trained in fp32 (no native bf16)"."""
+    """One line on where the figures come from, e.g. "AMD EPYC, 2 threads, no native bf16: trained in fp32, ..."."""
     if "machine/device" not in metrics:
         return "machine not recorded"
     bf16 = "native bf16" if metrics["machine/native_bf16"] else "no native bf16"
