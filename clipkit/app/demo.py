@@ -28,8 +28,12 @@ if TYPE_CHECKING:
 TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train", "a heart",
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
 MULTILINGUAL = "model_multilingual"  # the trained model with the distilled text tower (same image tower)
-RECIPES = {  # preset, extra trainer options
-    "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True, "patch_dropout": 0.5}),
+UNLOCKED = 4  # the image tower's trainable layer groups (of 18: stem, 16 blocks, head) in the pretrained recipe
+RECIPES = {  # preset, extra trainer options (the choice: benchmarks/RESULTS.md, "A pretrained image tower")
+    # ImageNet EfficientNet-Lite0 + MiniLM: text locked, image locked but for its last UNLOCKED layer groups
+    "pretrained": ("lite0-minilm", {"lock_text": True, "style_augment": True, "lock_image_unlocked_groups": UNLOCKED,
+                                    "lock_image_freeze_bn_stats": True}),
+    "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True, "patch_dropout": 0.5}),  # random ViT
     "scratch": ("tiny", {"style_augment": True}),
 }
 QUERIES = {  # query set -> (caption language, caption form) of the rows it is made of
@@ -62,7 +66,7 @@ class DemoConfig:
 
     out: str = "demo"
     seed: int = 0
-    recipe: str = "minilm"
+    recipe: str = "pretrained"
     max_steps: int = 800  # fixed compute: more styles or captions do not lengthen training
     batch_size: int = 64
     lr: float = 5e-4
