@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "clipkit"
 PACKAGES = [("errors",), ("fileio",), ("model",), ("formats", "data"), ("embed",), ("report",),
             ("evaluate", "search"), ("train",), ("app",), ("cli_search",), ("cli",)]
 MODULES = {  # inside each subpackage, the same rule over its modules
-    "model": [("config", "precision"), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
+    "model": [("packaged",), ("config", "precision"), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
     "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("hub",), ("auto",), ("pretrained",)],
     "data": [("tables", "augment"), ("samples",), ("shards", "cache", "datasets"), ("stream", "shard_writer")],
     "evaluate": [("fewshot", "zeroshot"), ("metrics", "tasks"), ("scoring",), ("runners",)],

@@ -121,7 +121,9 @@ def test_every_preset_and_converter_config_passes_the_check(hf_clip_dir) -> None
     names = list_presets()
     assert {"tiny", "tiny-minilm"} <= set(names)
     for name in names:
-        native.check_file_config(get_preset(name), name)
+        cfg = get_preset(name)
+        cfg.vision.pretrained = None  # a preset may ask for weights when created; the file it saves never does
+        native.check_file_config(cfg, name)
     cfg, _, _ = clipkit.formats.read_any(hf_clip_dir(257))  # the Hugging Face converter's timm keywords
     native.check_file_config(cfg, "hf")
 
