@@ -49,12 +49,12 @@ RECIPES = {
     "style_pdrop50": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5}, {}),
     "style_pdrop75": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.75}, {}),
     "style_pdrop50_unmasked": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5, "unmasked_steps": 160}, {}),
-    # ImageNet EfficientNet-Lite0 (`lite0-minilm`, 96 px): locked whole, or but for its last 2 / 4 layer groups;
+    # ImageNet EfficientNet-Lite0 (`lite0-minilm`, 96 px): locked whole, or but for its last 2 / 4 / 6 layer groups;
     # lite0_part4 is the demo's
     "lite0_locked": (ALL_FORMS, {"style_augment": True, "model": "lite0-minilm", "lock_image": True,
                                  "lock_image_freeze_bn_stats": True}, {}),
     **{f"lite0_part{n}": (ALL_FORMS, {"style_augment": True, "model": "lite0-minilm", "lock_image_unlocked_groups": n,
-                                      "lock_image_freeze_bn_stats": True}, {}) for n in (2, 4)},
+                                      "lock_image_freeze_bn_stats": True}, {}) for n in (2, 4, 6)},
 }
 
 
