@@ -344,7 +344,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pipe", action="store_true", default=None,
                    help="tar shards: accept pipe: and remote specs (they run a shell command: trusted specs only)")
     p.add_argument("--val-data", help="validation table (retrieval, and zero-shot if it has a label column)")
-    p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained), "
+    p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained; lite0-minilm "
+                   "and tiny-minilm start from weights shipped in pip packages), "
                    "hf-hub:org/name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
     p.add_argument("--pretrained", help="weights for a model name: an open_clip tag such as laion2b_s34b_b79k "
                    "(fetched into the Hugging Face cache), or a weights file")
