@@ -62,7 +62,7 @@ class Embedder:
 
             self.model, self.preprocess, self.tokenizer = load(model)
         self.model = self.model.to(self.device).eval()
-        self.precision = inference_precision(precision, self.device)  # per tower
+        self.precision = inference_precision(precision, self.device, self.model.visual)  # per tower
         int8 = self.precision.image == "int8"
         self.encoder = quantize_int8(self.model, ["visual", "visual_proj"]) if int8 else self.model  # what runs
         self.batch_size = batch_size

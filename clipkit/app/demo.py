@@ -7,6 +7,7 @@ phrased as plain names, as the training template, and in Korean.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -167,9 +168,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 def _machine(state: DemoState) -> None:
     """Record (and say) the processor and the precisions `auto` chose: the trained figures depend on them."""
     from ..embed import default_device
+    from ..model.config import get_preset
     from ..model.precision import hardware_summary
+    from ..model.towers import build_image_tower
 
-    hw = hardware_summary(default_device())
+    vision = dataclasses.replace(get_preset(RECIPES[state.cfg.recipe][0]).vision, pretrained=None)
+    hw = hardware_summary(default_device(), build_image_tower(vision)[0])  # auto's choice depends on the tower
     state.metrics.update({f"machine/{k}": v for k, v in hw.items()})
     if state.cfg.progress:
         print(f"  {machine_line(state.metrics)}", flush=True)

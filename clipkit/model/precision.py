@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ContextManager, Sequence, Union
+from typing import Any, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -95,22 +95,32 @@ class TowerPrecision:
     text: str
 
 
-def inference_precision(precision: str, device: Union[str, torch.device]) -> TowerPrecision:
+def inference_precision(precision: str, device: Union[str, torch.device],
+                        image_tower: Optional[nn.Module] = None) -> TowerPrecision:
     """Per tower: `auto` runs the image tower in bf16 where the hardware is fast at it and the text tower in fp32
-    (whole-model bf16 moved text-to-image neighbours too far: recall@10 0.979 vs fp32 on the demo model, 0.993
-    this way; text batches are short once padding is cut). `int8` quantises the image tower only: dynamic int8
-    broke the MiniLM text tower (cosine to fp32 down to 0.43). Measured by `benchmarks/bench_precision.py`."""
+    (whole-model bf16 moved text-to-image neighbours too far: recall@10 0.979 vs fp32 on the ViT demo model, 0.993
+    this way; text batches are short once padding is cut). An image tower with BatchNorm layers (EfficientNet,
+    ResNet) stays fp32 under `auto`: in bf16 the EfficientNet-Lite0 demo model's recall@10 fell to 0.935. `int8`
+    quantises the image tower only: dynamic int8 broke the MiniLM text tower (cosine to fp32 down to 0.43).
+    Measured by `benchmarks/bench_precision.py`."""
     resolved = resolve_precision(precision, device)
-    if precision == "auto" or resolved == "int8":
+    if precision == "auto":
+        batch_norm = image_tower is not None and has_batch_norm(image_tower)
+        return TowerPrecision(image="fp32" if batch_norm else resolved, text="fp32")
+    if resolved == "int8":
         return TowerPrecision(image=resolved, text="fp32")
     return TowerPrecision(image=resolved, text=resolved)
 
 
-def hardware_summary(device: Union[str, torch.device]) -> dict[str, Any]:
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def hardware_summary(device: Union[str, torch.device], image_tower: Optional[nn.Module] = None) -> dict[str, Any]:
     """What `auto` found on `device` and chose: the processor, torch's threads, native bf16 and the resolved
     precisions. Trained figures depend on it (bf16 and fp32 runs of the same seed differ), so the demo records it."""
     dev = torch.device(device)
-    towers = inference_precision("auto", dev)
+    towers = inference_precision("auto", dev, image_tower)
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(),
             "native_bf16": torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_native_bf16(),
