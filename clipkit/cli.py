@@ -344,9 +344,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pipe", action="store_true", default=None,
                    help="tar shards: accept pipe: and remote specs (they run a shell command: trusted specs only)")
     p.add_argument("--val-data", help="validation table (retrieval, and zero-shot if it has a label column)")
-    p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained; lite0-minilm "
-                   "and tiny-minilm start from weights shipped in pip packages), "
-                   "hf-hub:org/name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
+    p.add_argument("--model", default="tiny", help="model name (ViT-B-32, tiny, ...; random unless --pretrained, "
+                   "*-minilm: packaged weights), hf-hub:org/name, clipkit/HF directory, or OpenCLIP file (default: tiny)")
     p.add_argument("--pretrained", help="weights for a model name: an open_clip tag such as laion2b_s34b_b79k "
                    "(fetched into the Hugging Face cache), or a weights file")
     p.add_argument("--arch", help="the model name an OpenCLIP file's weights are (ViT-B-32 GELU, ViT-B-32-quickgelu)")
@@ -451,9 +450,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: emoji data, train, evaluate, index, search, rerank, report")
     p.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--recipe", choices=["pretrained", "minilm", "scratch"],
-                   help="pretrained (default): ImageNet EfficientNet-Lite0 + locked MiniLM; minilm: a random ViT + "
-                        "locked MiniLM; scratch: both towers random")
+    p.add_argument("--recipe", choices=["pretrained", "minilm", "scratch"], help="pretrained (default): ImageNet "
+                   "EfficientNet-Lite0 + locked MiniLM; minilm: random ViT + locked MiniLM; scratch: both random")
     p.add_argument("--max-steps", type=int, help="training steps (default 800, whatever the number of styles)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--styles", nargs="+", type=str, help="art styles to use (default: every one installed)")

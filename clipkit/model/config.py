@@ -212,7 +212,8 @@ def _lite0_minilm() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-minilm": _tiny_minilm, "lite0-minilm": _lite0_minilm}  # clipkit's own; open_clip's CLIP ViTs come beside them
+# clipkit's own; open_clip's CLIP ViTs come beside them
+PRESETS = {"tiny": _tiny, "tiny-minilm": _tiny_minilm, "lite0-minilm": _lite0_minilm}
 
 
 def list_presets() -> list[str]:
