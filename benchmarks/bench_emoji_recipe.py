@@ -12,6 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -50,11 +51,14 @@ RECIPES = {
     "style_pdrop75": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.75}, {}),
     "style_pdrop50_unmasked": (ALL_FORMS, {"style_augment": True, "patch_dropout": 0.5, "unmasked_steps": 160}, {}),
     # ImageNet EfficientNet-Lite0 (`lite0-minilm`, 96 px): locked whole, or but for its last 2 / 4 / 6 layer groups;
-    # lite0_part4 is the demo's
+    # lite0_part4 was the demo's in session 8
     "lite0_locked": (ALL_FORMS, {"style_augment": True, "model": "lite0-minilm", "lock_image": True,
                                  "lock_image_freeze_bn_stats": True}, {}),
     **{f"lite0_part{n}": (ALL_FORMS, {"style_augment": True, "model": "lite0-minilm", "lock_image_unlocked_groups": n,
                                       "lock_image_freeze_bn_stats": True}, {}) for n in (2, 4, 6)},
+    # the same with EfficientNet-Lite2 (`lite2-minilm`, 96 px): the demo's since session 9
+    "lite2_part4": (ALL_FORMS, {"style_augment": True, "model": "lite2-minilm", "lock_image_unlocked_groups": 4,
+                                "lock_image_freeze_bn_stats": True}, {}),
 }
 
 
@@ -78,8 +82,21 @@ KEYS = ["style_test_name_en/text_to_image_R@1", "style_test_zeroshot/top1", "sty
         "style_test_name_en/chance_text_to_image_R@1", "style_test_zeroshot/chance_top1"]
 
 
-def run(data: Path, recipe: str, steps: int, seed: int, out: Path, lr: float, batch: int) -> dict:
+def _resized(preset: str, size: int) -> str:
+    """A preset drawn at `size` px (registered as `preset@size`)."""
+    def make():
+        cfg = config.get_preset(preset)
+        cfg.preprocess.image_size = size
+        return cfg
+    config.PRESETS.setdefault(f"{preset}@{size}", make)
+    return f"{preset}@{size}"
+
+
+def run(data: Path, recipe: str, steps: int, seed: int, out: Path, lr: float, batch: int,
+        image_size: Optional[int] = None) -> dict:
     forms, extra, aug = RECIPES[recipe]
+    if image_size:
+        extra = {**extra, "model": _resized(extra.get("model", "tiny-minilm"), image_size)}
     table = pd.read_csv(data / "train.csv", keep_default_na=False)
     train_csv = data / f"train_{'_'.join(forms)}.csv"  # the dataset may hold more forms (keywords) than trained on
     table[table["form"].isin(forms)].to_csv(train_csv, index=False)
@@ -94,8 +111,8 @@ def run(data: Path, recipe: str, steps: int, seed: int, out: Path, lr: float, ba
     tables = {s: read_table(data / f"{s}.csv") for s in ("train", "val", "test", "holdout")}
     t1 = time.perf_counter()
     metrics = evaluate_scopes(MemoEmbedder(Embedder(summary["model_dir"], progress=False)), tables, templates)
-    return {"recipe": recipe, "forms": list(forms), "trainer": extra, "augment": aug, "steps": summary["steps"],
-            "batch": batch, "lr": lr, "seed": seed, "train_seconds": round(seconds, 1),
+    return {"recipe": recipe, "image_size": image_size, "forms": list(forms), "trainer": extra, "augment": aug,
+            "steps": summary["steps"], "batch": batch, "lr": lr, "seed": seed, "train_seconds": round(seconds, 1),
             "eval_seconds": round(time.perf_counter() - t1, 1), "cpu": platform.processor() or platform.machine(),
             **{k: round(metrics[k], 4) for k in KEYS if k in metrics}}
 
@@ -108,11 +125,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="draw the recipe's preset at this size instead")
     p.add_argument("--out", type=Path, default=Path("runs/recipe"))
     p.add_argument("--log", type=Path, default=Path("recipes.jsonl"))
     args = p.parse_args()
-    rec = run(args.data, args.recipe, args.steps, args.seed, args.out / f"{args.recipe}_s{args.seed}_{args.steps}",
-              args.lr, args.batch_size)
+    size = f"_{args.image_size}px" if args.image_size else ""
+    rec = run(args.data, args.recipe, args.steps, args.seed,
+              args.out / f"{args.recipe}{size}_s{args.seed}_{args.steps}", args.lr, args.batch_size, args.image_size)
     with open(args.log, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec, indent=1))

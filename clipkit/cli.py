@@ -451,7 +451,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     p.add_argument("--seed", type=int)
     p.add_argument("--recipe", choices=["pretrained", "minilm", "scratch"], help="pretrained (default): ImageNet "
-                   "EfficientNet-Lite0 + locked MiniLM; minilm: random ViT + locked MiniLM; scratch: both random")
+                   "EfficientNet-Lite2 + locked MiniLM; minilm: random ViT + locked MiniLM; scratch: both random")
     p.add_argument("--max-steps", type=int, help="training steps (default 800, whatever the number of styles)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--styles", nargs="+", type=str, help="art styles to use (default: every one installed)")

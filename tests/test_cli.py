@@ -53,10 +53,10 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     config = json.loads((out / "run" / "train_config.json").read_text())
     templates = config["val_templates"]
     assert metrics["zeroshot/num_templates"] == len(templates) == 5 and "an emoji of {}." in templates  # the dataset's
-    assert config["style_augment"] and config["model"] == "lite0-minilm" and config["max_steps"] == 2
+    assert config["style_augment"] and config["model"] == "lite2-minilm" and config["max_steps"] == 2
     assert config["lock_text"] and config["lock_image_unlocked_groups"] == 4 and config["lock_image_freeze_bn_stats"]
     model_cfg = json.loads((out / "model" / "config.json").read_text())
-    assert model_cfg["vision"]["timm_name"] == "tf_efficientnet_lite0" and model_cfg["vision"]["pretrained"] is None
+    assert model_cfg["vision"]["timm_name"] == "tf_efficientnet_lite2" and model_cfg["vision"]["pretrained"] is None
     trained = {line.split(",")[0].split("/")[1] for line in (out / "data" / "train.csv").read_text().splitlines()[1:]}
     assert trained == {"openmoji", "noto"}  # the held-out style is never trained on
     assert metrics["index/count"] == 3 * 40 and metrics["train/steps"] == 2

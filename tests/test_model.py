@@ -14,9 +14,10 @@ PRESETS = [
     pytest.param("tiny", id="tiny"),
     pytest.param("tiny-minilm", id="tiny-minilm"),
     pytest.param("lite0-minilm", id="lite0-minilm"),
+    pytest.param("lite2-minilm", id="lite2-minilm"),
     pytest.param("ViT-B-32", id="ViT-B-32", marks=pytest.mark.slow),
 ]
-FAST_PRESETS = ["lite0-minilm", "tiny", "tiny-minilm"]
+FAST_PRESETS = ["lite0-minilm", "lite2-minilm", "tiny", "tiny-minilm"]
 CAPTIONS = ["a red apple", "two dogs playing in the snow", "x"]
 LONG = "a very long caption " * 40  # longer than every preset's context
 

