@@ -459,7 +459,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packs", help="folder of npm emoji packs (default $CLIPKIT_EMOJI_PACKS or ~/.cache/clipkit/emoji-packs)")
     p.add_argument("--limit", type=int, help="use only the first N emoji (quick runs)")
     p.add_argument("--rerank-prompts", type=int, help="prompts in the best-of-N task (default 100)")
-    p.add_argument("--distill-steps", type=int, help="steps distilling a Korean text tower (default 300; 0: none)")
+    p.add_argument("--distill-steps", type=int, help="steps distilling a Korean text tower (default 600; 0: none)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress output")
     p.set_defaults(func=_cmd_demo)
 

@@ -82,7 +82,7 @@ class DemoConfig:
     rerank_candidates: int = 8
     rerank_prompts: int = 100
     queries: list[str] = field(default_factory=lambda: list(TEXT_QUERIES))
-    distill_steps: int = 300  # the multilingual text tower's distillation (0: none); the image tower is shared
+    distill_steps: int = 600  # the multilingual text tower's distillation (0: none); the image tower is shared
     distill_langs: tuple[str, ...] = ("ko",)
     progress: bool = True
 
