@@ -63,7 +63,7 @@ def metric_key(scope: str, group: str, name: str) -> str:
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults are the README's run (about 7 minutes on 2 CPU cores, see its Results)."""
+    """Knobs of the demo; the defaults are the README's run (about 8 minutes on 2 CPU cores, see its Results)."""
 
     out: str = "demo"
     seed: int = 0
