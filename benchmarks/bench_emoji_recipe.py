@@ -57,8 +57,8 @@ RECIPES = {
     **{f"lite0_part{n}": (ALL_FORMS, {"style_augment": True, "model": "lite0-minilm", "lock_image_unlocked_groups": n,
                                       "lock_image_freeze_bn_stats": True}, {}) for n in (2, 4, 6)},
     # the same with EfficientNet-Lite2 (`lite2-minilm`, 96 px): the demo's since session 9
-    "lite2_part4": (ALL_FORMS, {"style_augment": True, "model": "lite2-minilm", "lock_image_unlocked_groups": 4,
-                                "lock_image_freeze_bn_stats": True}, {}),
+    **{f"lite2_part{n}": (ALL_FORMS, {"style_augment": True, "model": "lite2-minilm", "lock_image_unlocked_groups": n,
+                                      "lock_image_freeze_bn_stats": True}, {}) for n in (4, 6)},
 }
 
 

@@ -312,7 +312,7 @@ def test_shared_model_is_loaded_once(site):
 
 
 def test_serve_index_arguments(tmp_path, capsys):
-    from clipkit.cli_search import named_paths
+    from clipkit.cli.search import named_paths
 
     assert named_paths(["a=/x", "b=/y"], "index") == {"a": "/x", "b": "/y"}
     assert named_paths(["/x/index"], "index") == "/x/index"

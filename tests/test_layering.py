@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "clipkit"
 # lower index = lower layer; names in one tuple are peers and must not import each other
 PACKAGES = [("errors",), ("fileio",), ("model",), ("formats", "data"), ("embed",), ("report",),
-            ("evaluate", "search"), ("train",), ("app",), ("cli_search",), ("cli",)]
+            ("evaluate", "search"), ("train",), ("app",), ("cli",)]
 MODULES = {  # inside each subpackage, the same rule over its modules
     "model": [("packaged",), ("config", "precision"), ("transforms", "tokenizer", "hubfiles"), ("towers", "groups"), ("clip",), ("factory",)],
     "formats": [("weights", "layout"), ("native", "hf", "openclip"), ("hub",), ("auto",), ("pretrained",)],
@@ -21,6 +21,7 @@ MODULES = {  # inside each subpackage, the same rule over its modules
     "train": [("config", "losses", "runlog"), ("runstate", "streamdata"), ("setup",), ("validation",), ("trainer",),
               ("distill",)],
     "app": [("guard", "connections", "files"), ("uploads", "fetch"), ("clipretrieval",), ("demo", "service")],
+    "cli": [("common",), ("data", "train", "evaluate", "embed", "models", "search")],
 }
 
 

@@ -1,5 +1,4 @@
-"""The `clipkit` commands that use an index: `search`, `dedup`, `serve` (arguments and printing only; `cli.py`
-adds them to its parser)."""
+"""`clipkit search`, `dedup`, `serve`: the commands that use an index (arguments and printing only)."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +7,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-from .errors import ClipkitError
+from ..errors import ClipkitError
+from .common import add_precision, model_arg
 
 NAMED = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})=(.+)")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search.collection import open_search, search_collection
+    from ..search.collection import open_search, search_collection
 
     if args.text is None and args.image is None:
         raise ValueError("give --text, --image or both (a combined query)")
@@ -39,9 +39,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_dedup(args: argparse.Namespace) -> int:
-    from .fileio import atomic_path
-    from .search.dedup import duplicate_groups, near_duplicate_pairs
-    from .search.index import SearchIndex
+    from ..fileio import atomic_path
+    from ..search.dedup import duplicate_groups, near_duplicate_pairs
+    from ..search.index import SearchIndex
 
     index = SearchIndex.load(args.index)
     pairs = near_duplicate_pairs(index, args.threshold)
@@ -58,21 +58,6 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {args.out}")
     return 0
-
-
-def add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="auto (default): the image tower in bf16 where the CPU or GPU multiplies bf16 natively, else "
-                        "fp32; int8: dynamically quantised image tower (CPU)")
-
-
-def model_arg(args: argparse.Namespace, **embedder_kw: Any) -> Any:
-    """`--model` as given, or an Embedder of it when `--precision` overrides the default."""
-    if getattr(args, "precision", None) is None:
-        return args.model
-    from .embed import Embedder
-
-    return Embedder(args.model, precision=args.precision, **embedder_kw)
 
 
 def named_paths(values: list[str], what: str) -> Union[str, dict[str, str]]:
@@ -101,7 +86,7 @@ def _models(values: list[str], indexes: Union[str, dict[str, str]]) -> Union[str
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .app.service import run_server
+        from ..app.service import run_server
     except ImportError as e:
         raise ClipkitError(f"the HTTP service is not available ({e})") from None
     if args.api_key:
@@ -197,3 +182,4 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="let /knn-service fetch a client's image_url (public http(s) addresses only; default: refused)")
     add_precision(p)
     p.set_defaults(func=_cmd_serve)
+

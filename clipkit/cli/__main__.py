@@ -1,0 +1,4 @@
+"""`python -m clipkit.cli`."""
+from clipkit.cli import entry
+
+entry()
