@@ -101,6 +101,8 @@ def test_convert_hf_to_clipkit_and_back(tmp_path, hf_clip_dir):
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "clipkit.cli", "presets"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "tiny" in proc.stdout
+    vit_l = next(line for line in proc.stdout.splitlines() if line.startswith("ViT-L-14 "))
+    assert "patch_size=14 embed_dim=1024 depth=24" in vit_l  # the shape, not only the timm name it starts from
     proc = subprocess.run([sys.executable, "-m", "clipkit.cli", "nosuchcommand"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 

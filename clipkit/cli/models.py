@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+SHAPE_KWARGS = ("patch_size", "embed_dim", "depth")  # a CLIP ViT's timm model is reshaped by these (ViT-L-14: 14/1024/24)
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..app.demo import MULTILINGUAL, DemoConfig, run_demo
@@ -71,7 +73,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         cfg = get_preset(name)
         text = cfg.text.pretrained or cfg.text.hf_config.get("model_type")
-        print(f"{name:12s} image={cfg.vision.timm_name} text={text} dim={cfg.embed_dim} px={cfg.preprocess.image_size}")
+        shape = "".join(f" {k}={cfg.vision.timm_kwargs[k]}" for k in SHAPE_KWARGS if k in cfg.vision.timm_kwargs)
+        print(f"{name:12s} image={cfg.vision.timm_name}{shape} text={text} dim={cfg.embed_dim} "
+              f"px={cfg.preprocess.image_size}")
     return 0
 
 
