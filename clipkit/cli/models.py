@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-SHAPE_KWARGS = ("patch_size", "embed_dim", "depth")  # a CLIP ViT's timm model is reshaped by these (ViT-L-14: 14/1024/24)
+SHAPE_KWARGS = ("patch_size", "embed_dim", "depth")  # what reshapes a CLIP ViT's timm model (ViT-L-14: 14/1024/24)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
