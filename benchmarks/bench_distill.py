@@ -7,6 +7,8 @@ of the demo's short Korean queries over every image. One JSON line per run is ap
     python benchmarks/bench_distill.py ... --with-test-names      # the test emoji's names in, labelled as such
     python benchmarks/bench_distill.py ... --tune tower   # train the whole text tower, not only the added tokens
     python benchmarks/bench_distill.py ... --student bpe --lr 1e-3  # a fresh text tower with a byte-level BPE
+    python benchmarks/bench_distill.py ... --student pretrained \
+        --student-tower hf-hub:sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2  # a multilingual tower
     python benchmarks/bench_distill.py ... --keywords     # + CLDR keyword-list pairs and the keywords aligned in them
     python benchmarks/distill_coverage.py --data emoji --model /tmp/d/run/model --parallel /tmp/d/pairs.tsv  # where Korean is lost
 """
@@ -80,7 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, help="default: DistillConfig's (1e-3 for --tune tokens, 1e-4 for tower)")
     ap.add_argument("--tune", choices=["tokens", "tower"], help="default: DistillConfig's (tokens for extend)")
-    ap.add_argument("--student", choices=["extend", "bpe"], default="extend")
+    ap.add_argument("--student", choices=["extend", "bpe", "pretrained"], default="extend")
+    ap.add_argument("--student-tower", help="pretrained: a transformers text model (dir, hf:/dir, hf-hub:org/name)")
     ap.add_argument("--english-fraction", type=float, default=0.25)
     ap.add_argument("--with-test-names", action="store_true", help="keep the test emoji's names in the pairs")
     ap.add_argument("--skip-teacher", action="store_true")
@@ -93,9 +96,9 @@ def main() -> None:
     tables = read_splits(args.data)
     exclude = set() if args.with_test_names else set(tables["test"]["emoji"])
     pairs = build_parallel(args.out / "pairs.tsv", ("ko",), exclude=exclude, keywords=keywords(args.keywords))
-    record = {"student": args.student, "steps": args.steps, "lr": args.lr, "english_fraction": args.english_fraction,
-              "word_tokens": args.word_tokens, "seed": args.seed, "pairs": pairs.pairs,
-              "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
+    record = {"student_kind": args.student, "student_tower": args.student_tower, "steps": args.steps, "lr": args.lr,
+              "english_fraction": args.english_fraction, "word_tokens": args.word_tokens, "seed": args.seed,
+              "pairs": pairs.pairs, "test_names_in_pairs": args.with_test_names, "keywords": args.keywords,
               "machine": platform.processor() or platform.machine()}
     if not args.skip_teacher:
         record["teacher"] = evaluate(args.model, tables)
@@ -103,7 +106,8 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = distill_text(DistillConfig(model=args.model, parallel=str(args.out / "pairs.tsv"),
                                          output=str(args.out / "run"), steps=args.steps, lr=args.lr, progress=False,
-                                         student=args.student, tune=args.tune, english_fraction=args.english_fraction,
+                                         student=args.student, student_tower=args.student_tower, tune=args.tune,
+                                         english_fraction=args.english_fraction,
                                          word_tokens=args.word_tokens, seed=args.seed))
     record["distill_seconds"] = round(time.perf_counter() - t0, 1)
     record["tune"] = summary["tune"]

@@ -218,15 +218,15 @@ def test_unknown_student_is_refused(teacher, pairs, tmp_path):
         distill_text(_cfg(teacher, pairs, tmp_path / "r", student="bpe", student_preset="tiny-minilm", steps=1))
 
 
-@pytest.mark.parametrize("student", ["extend", "bpe"])
-def test_resume_continues_to_the_same_weights(teacher, pairs, tmp_path, student):
-    full = Distiller(_cfg(teacher, pairs, tmp_path / "a", steps=10, checkpoint_every=5, student=student))
+@pytest.mark.parametrize("student", ["extend", "bpe", "pretrained"])
+def test_resume_continues_to_the_same_weights(teacher, pairs, tower, tmp_path, student):
+    kw = {"student": student, "student_tower": str(tower) if student == "pretrained" else None}
+    full = Distiller(_cfg(teacher, pairs, tmp_path / "a", steps=10, checkpoint_every=5, **kw))
     full.fit()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000010")
     shutil.rmtree(tmp_path / "b" / "model")
-    resumed = Distiller(_cfg(teacher, pairs, tmp_path / "b", steps=10, checkpoint_every=5, resume=True,
-                             student=student))
+    resumed = Distiller(_cfg(teacher, pairs, tmp_path / "b", steps=10, checkpoint_every=5, resume=True, **kw))
     assert resumed.step == 5
     resumed.fit()
     a, b = full.student.state_dict(), resumed.student.state_dict()
@@ -275,3 +275,73 @@ def test_student_queries_the_teachers_index_as_its_own(teacher, pairs, tmp_path)
     other, tok = clipkit.create_model_and_tokenizer("tiny-minilm")
     clipkit.save(other, tok, tmp_path / "other")
     assert "index was built from model" in open_search(tmp_path / "index", tmp_path / "other")[2][0]
+
+
+@pytest.fixture(scope="module")
+def tower(pairs, tmp_path_factory):
+    """A random 2-layer BERT with a WordPiece trained on both columns of `pairs`: a stand-in for a multilingual
+    sentence model (paraphrase-multilingual-MiniLM) that reads Hangul with its own vocabulary."""
+    from tokenizers import Tokenizer as RawTokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tower")
+    table = pd.read_csv(pairs, sep="\t", keep_default_na=False)
+    raw = RawTokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    raw.train_from_iterator(list(table["en"]) + list(table["text"]),
+                            trainers.WordPieceTrainer(vocab_size=3000, special_tokens=special))
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", raw.token_to_id("[CLS]")), ("[SEP]", raw.token_to_id("[SEP]"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=raw.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_pretrained_student_from_the_hub_learns_and_loads_alone(teacher, pairs, tower, tmp_path, monkeypatch):
+    """A pretrained multilingual tower named by `hf-hub:` (read from a laid-out cache, offline) becomes the
+    student's text tower with its own tokenizer and a new projection: it learns the held-out pairs, and the saved
+    model loads with clipkit.load alone once the cache is gone."""
+    from helpers import hub_repo, offline_hub
+
+    hf_home = tmp_path / "hf"
+    hub_repo(hf_home, "clipkit-test/tiny-multilingual", {p.name: p for p in tower.iterdir()})
+    offline_hub(monkeypatch, hf_home)
+    summary = distill_text(_cfg(teacher, pairs, tmp_path / "run", student="pretrained", lr=1e-3,
+                                student_tower="hf-hub:clipkit-test/tiny-multilingual"))
+    assert summary["student"] == "pretrained" and summary["tune"] == "tower" and summary["added_tokens"] == 0
+    assert summary["held_out_distance"] < 0.8 * summary["held_out_distance_before"]
+    shutil.rmtree(hf_home)
+    student, pre, tok = clipkit.load(tmp_path / "run" / "model")
+    teach, _, teach_tok = clipkit.load(teacher)
+    assert student.config.text.pretrained is None and student.config.text.hf_config["hidden_size"] == 48
+    assert tok.vocab_size == summary["vocab"] != teach_tok.vocab_size
+    assert student.config.text_space == teach.fingerprint()
+    x = pre(clipkit.load_image(_red_square()))[None]
+    with torch.no_grad():
+        assert torch.equal(student.encode_image(x), teach.encode_image(x))
+    ids = tok(["빨간 사과"])["input_ids"][0].tolist()
+    assert tok.hf.unk_token_id not in ids  # its own vocabulary reads Hangul
+
+
+def test_pretrained_student_needs_a_tower_and_trains_whole(teacher, pairs, tmp_path):
+    with pytest.raises(clipkit.errors.ClipkitError, match="needs `student_tower`"):
+        _cfg(teacher, pairs, tmp_path, student="pretrained")
+    with pytest.raises(clipkit.errors.ClipkitError, match="needs student 'pretrained'"):
+        _cfg(teacher, pairs, tmp_path, student_tower=str(tmp_path))
+    with pytest.raises(clipkit.errors.ClipkitError, match="'tower' for the pretrained student"):
+        _cfg(teacher, pairs, tmp_path, student="pretrained", student_tower=str(tmp_path), tune="tokens")
+    with pytest.raises(FileNotFoundError, match="no config.json there"):
+        distill_text(_cfg(teacher, pairs, tmp_path / "r", student="pretrained", student_tower=str(tmp_path), steps=1))
+
+
+def test_cli_distill_text_with_a_student_tower(teacher, pairs, tower, tmp_path, capsys):
+    assert main(["distill-text", "--model", str(teacher), "--parallel", str(pairs), "--out", str(tmp_path / "r"),
+                 "--steps", "2", "--batch-size", "8", "--student-tower", str(tower), "--quiet"]) == 0
+    assert f"pretrained text tower {tower}" in capsys.readouterr().out
+    assert clipkit.load(tmp_path / "r" / "model")[0].config.text.hf_config["model_type"] == "bert"

@@ -103,10 +103,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from ..train.distill import DistillConfig, distill_text
 
     fields = set(DistillConfig.__dataclass_fields__)
+    if args.student_tower and args.student is None:
+        args.student = "pretrained"
     s = distill_text(DistillConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}))
-    student = (f"{s['added_tokens']} tokens added, {s['word_tokens']} started at their English word; --tune {s['tune']}"
-               if s["student"] == "extend"
-               else f"fresh text tower, byte-level BPE of {s['vocab']} tokens")
+    student = {"extend": f"{s['added_tokens']} tokens added, {s['word_tokens']} started at their English word; "
+                         f"--tune {s['tune']}",
+               "bpe": f"fresh text tower, byte-level BPE of {s['vocab']} tokens",
+               "pretrained": f"pretrained text tower {args.student_tower}, its tokenizer of {s['vocab']} tokens, "
+                             "new projection"}[s["student"]]
     print(f"distilled {s['steps']} steps on {s['train_pairs']} pairs ({student}); "
           f"held-out distance to the teacher {s['held_out_distance_before']:.4f} -> {s['held_out_distance']:.4f}")
     print(f"student model saved to {s['model_dir']}")
@@ -125,8 +129,13 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune", choices=["tokens", "tower"], help="tokens (extend's default): only the added tokens "
                    "train, so English embeds exactly as the teacher's; tower: the whole text tower")
     p.add_argument("--english-fraction", type=float, help="--tune tower: English -> English share of a batch (0.25)")
-    p.add_argument("--student", choices=["extend", "bpe"], help="extend (default): the teacher's text tower, its "
-                   "tokenizer extended; bpe: a fresh tower with a byte-level BPE trained on both columns")
+    p.add_argument("--student", choices=["extend", "bpe", "pretrained"], help="extend (default): the teacher's text "
+                   "tower, its tokenizer extended; bpe: a fresh tower with a byte-level BPE trained on both columns; "
+                   "pretrained: --student-tower")
+    p.add_argument("--student-tower", metavar="MODEL", help="a transformers text model that reads the language "
+                   "(directory, hf:/dir or hf-hub:org/name, e.g. hf-hub:sentence-transformers/"
+                   "paraphrase-multilingual-MiniLM-L12-v2), trained whole with a new projection; implies "
+                   "--student pretrained")
     p.add_argument("--no-word-tokens", dest="word_tokens", action="store_false", default=None,
                    help="extend: keep single-word pairs' words as characters (default: one token each, at its English)")
     p.add_argument("--student-preset", help="bpe: the preset whose CLIP text transformer shape it takes (default tiny)")

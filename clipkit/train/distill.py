@@ -1,14 +1,17 @@
 """Multilingual text towers by distillation (as Multilingual-CLIP does): a student text tower learns to put a
 sentence in language X where the frozen teacher (the model's own text tower) puts its English translation.
 
-Two students (`DistillConfig.student`). "extend" (the default, and what won the measurement in
+Three students (`DistillConfig.student`). "extend" (the default, and what won the measurement in
 benchmarks/RESULTS.md): a copy of the teacher whose tokenizer gains one token per character it could not represent
 as a single token (Hangul syllables, CJK ideographs, ...), so English keeps its meaning; each word of a single-word
 pair ("고양이" / "cat") also becomes one token that starts at its English word's embedding. By default only those
 added tokens' embeddings train (`tune="tokens"`): the tower stays the teacher's, so English embeds exactly as before.
 "bpe": a fresh CLIP text transformer (a preset's shape) with a byte-level BPE trained on both columns of the parallel
-table, trained whole with English kept where the teacher puts it. The image tower is untouched either way: every
-existing index and embedding stays valid. The result is a normal clipkit model directory.
+table, trained whole with English kept where the teacher puts it. "pretrained": a transformers text model that
+already reads the language (`student_tower`, e.g. `hf-hub:sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2`,
+as Multilingual-CLIP starts from XLM-R), with its own tokenizer and a new projection, trained whole the same way. The
+image tower is untouched in every case: every existing index and embedding stays valid. The result is a normal
+clipkit model directory.
 """
 from __future__ import annotations
 
@@ -33,15 +36,17 @@ from ..fileio import write_json_atomic
 from ..formats.auto import load
 from ..formats.native import save
 from ..model.clip import CLIPModel
+from ..model.config import ModelConfig
 from ..model.factory import bind_tokenizer, resolve_config
 from ..model.precision import training_autocast, training_precision
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer, load_tokenizer
+from ..model.towers import resolve_pretrained
 from . import runstate
 from .setup import caption_tokenizer
 from .trainer import cosine_with_warmup, param_groups
 
 log = logging.getLogger("clipkit.train")
-STUDENTS = ("extend", "bpe")
+STUDENTS = ("extend", "bpe", "pretrained")
 TUNES = ("tokens", "tower")
 
 
@@ -67,8 +72,10 @@ class DistillConfig:
     log_every: int = 20
     resume: bool = False
     progress: bool = True
-    student: str = "extend"  # extend: the teacher's tower, tokenizer extended; bpe: fresh tower + byte-level BPE
+    student: str = "extend"  # extend: the teacher's tower, tokenizer extended; bpe: fresh tower + byte-level BPE;
+    # pretrained: the transformers text model `student_tower`, with its tokenizer and a new projection
     student_preset: str = "tiny"  # bpe: the preset whose CLIP text transformer (shape, BPE vocabulary) it takes
+    student_tower: Optional[str] = None  # pretrained: a local transformers model directory, hf:/dir or hf-hub:org/name
     word_tokens: bool = True  # extend: each single-word pair's word becomes one token, started at its English word
     tune: Optional[str] = None  # tokens: only the added tokens' input embeddings train, so every English text embeds
     # exactly as the teacher's (the default for extend); tower: the whole text tower and projection (bpe: always)
@@ -76,10 +83,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.student not in STUDENTS:
             raise DataError(f"student must be one of {STUDENTS}, got {self.student!r}")
+        if (self.student == "pretrained") != bool(self.student_tower):
+            raise DataError("student 'pretrained' needs `student_tower` (a transformers text model: a directory, "
+                            "hf:/dir or hf-hub:org/name), and `student_tower` needs student 'pretrained'")
         self.tune = self.tune or ("tokens" if self.student == "extend" else "tower")
-        if self.tune not in TUNES or (self.student == "bpe" and self.tune == "tokens"):
-            raise DataError(f"tune must be one of {TUNES} ('tower' for the bpe student, whose tower is new), "
-                            f"got {self.tune!r}")
+        if self.tune not in TUNES or (self.student != "extend" and self.tune == "tokens"):
+            raise DataError(f"tune must be one of {TUNES} ('tower' for the {self.student} student, whose tower or "
+                            f"projection is new), got {self.tune!r}")
         if self.lr is None:
             self.lr = 1e-3 if self.tune == "tokens" else 1e-4
 
@@ -166,11 +176,29 @@ def build_bpe_student(teacher: CLIPModel, texts: Iterable[str], preset: str, sav
     tok = caption_tokenizer(list(texts), text.hf_config["vocab_size"], text.context_length, saved, rank=0)
     cfg = copy.deepcopy(teacher.config)
     cfg.text = text
+    return _new_text_tower(teacher, cfg, tok), tok
+
+
+def build_pretrained_student(teacher: CLIPModel, tower: str) -> tuple[CLIPModel, Tokenizer]:
+    """The teacher's image tower beside the pretrained transformers text model `tower` (mean-pooled, at the
+    teacher's context length), its own tokenizer and a new projection into the teacher's space."""
+    cfg = resolve_config(teacher.config, text_tower=tower)
+    cfg.text.pretrained = resolve_pretrained(tower)  # a clear error where there is no model; fetched once
+    try:
+        tok = load_tokenizer(cfg.text.pretrained, cfg.text.context_length)
+    except (OSError, ValueError) as e:
+        raise DataError(f"student tower {tower!r}: no tokenizer there ({e})") from None
+    return _new_text_tower(teacher, cfg, tok), tok
+
+
+def _new_text_tower(teacher: CLIPModel, cfg: ModelConfig, tok: Tokenizer) -> CLIPModel:
+    """A model of `cfg` (the teacher's but for its text tower) holding the teacher's weights outside the text
+    tower and its projection."""
     student = CLIPModel(bind_tokenizer(cfg, tok))
     kept = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("text.", "text_proj."))}
     missing, unexpected = student.load_state_dict(kept, strict=False)
     assert not unexpected and all(k.startswith(("text.", "text_proj.")) for k in missing), (missing, unexpected)
-    return _train_text_only(student, teacher), tok
+    return _train_text_only(student, teacher)
 
 
 def train_new_tokens_only(student: CLIPModel, added: int) -> torch.nn.Parameter:
@@ -244,6 +272,8 @@ class Distiller:
         pairs = pd.concat([self.train_pairs, self.val_pairs])
         if self.cfg.student == "extend":
             return build_student(teacher, tok, pairs["text"], self.lexicon)
+        if self.cfg.student == "pretrained":
+            return (*build_pretrained_student(teacher, self.cfg.student_tower), 0)
         saved = self.out / "tokenizer"
         if not self.cfg.resume:
             shutil.rmtree(saved, ignore_errors=True)  # a fresh run trains its own; a resume reuses the saved one
