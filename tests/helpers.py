@@ -192,3 +192,25 @@ def small_tmpfs(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def make_multilingual_tower(texts: list[str], folder: Path) -> Path:
+    """A random 2-layer BERT with a WordPiece trained on `texts`, saved in `folder`: a stand-in for a multilingual
+    sentence model (paraphrase-multilingual-MiniLM) that reads Hangul with its own vocabulary."""
+    from tokenizers import Tokenizer as RawTokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    raw.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=3000, special_tokens=special))
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", raw.token_to_id("[CLS]")), ("[SEP]", raw.token_to_id("[SEP]"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=raw.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)

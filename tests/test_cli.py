@@ -11,7 +11,7 @@ import pytest
 import clipkit
 from clipkit.cli import build_parser, main
 from clipkit.model.precision import cpu_has_native_bf16
-from helpers import make_emoji_packs
+from helpers import make_emoji_packs, make_multilingual_tower
 
 
 def test_every_command_has_help(capsys):
@@ -73,6 +73,26 @@ def test_demo_runs_end_to_end_on_a_subset(tmp_path, capsys):
     assert metrics["distill/steps"] == 2 and metrics["distill/excluded_emoji"] > 0
     assert 0.0 <= metrics["multilingual_test_name_ko/text_to_image_R@10"] <= 1.0
     assert "before and after distillation" in page
+
+
+def test_demo_distils_into_a_pretrained_student_tower(tmp_path, capsys):
+    """`--distill-student-tower`: the demo's multilingual model gets that text tower (its own tokenizer), and the
+    report says so."""
+    from clipkit.data.datasets.parallel import parallel_table
+
+    table = parallel_table(("ko",))
+    tower = make_multilingual_tower(list(table["en"]) + list(table["text"]), tmp_path / "tower")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--limit", "24", "--max-steps", "2", "--batch-size", "8",
+                 "--rerank-prompts", "2", "--styles", "openmoji", "--holdout", "none", "--distill-steps", "2",
+                 "--distill-student-tower", str(tower), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distill/student"] == str(tower) and metrics["distill/tune"] == "tower"
+    student, _, tok = clipkit.load(out / "model_multilingual")
+    assert student.config.text.hf_config["model_type"] == "bert"
+    assert tok.hf.unk_token_id not in tok(["사과"])["input_ids"][0].tolist()
+    assert f"the student was the pretrained text tower {tower}" in (out / "report.html").read_text()
+    assert f"--model {out / 'model_multilingual'}" in capsys.readouterr().out
 
 
 def test_demo_headline_without_a_held_out_style():

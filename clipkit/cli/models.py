@@ -37,6 +37,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use only the first N emoji (quick runs)")
     p.add_argument("--rerank-prompts", type=int, help="prompts in the best-of-N task (default 100)")
     p.add_argument("--distill-steps", type=int, help="steps distilling a Korean text tower (default 600; 0: none)")
+    p.add_argument("--distill-student-tower", metavar="MODEL", help="distil into this transformers text model "
+                   "(directory or hf-hub:org/name, e.g. hf-hub:sentence-transformers/"
+                   "paraphrase-multilingual-MiniLM-L12-v2) instead of extending the teacher's tokenizer")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress output")
     p.set_defaults(func=_cmd_demo)
 
